@@ -1,0 +1,264 @@
+"""Optimizer, schedules and batch ramp: checked against numbers derived by hand, not against the code."""
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nanopalm.errors import UserError
+from nanopalm.optim import (
+    OptimConfig,
+    PaLMAdafactor,
+    build_optimizer,
+    lr_at,
+    micro_steps_at,
+    set_lr,
+)
+
+
+class Tiny(nn.Module):
+    """Every kind of parameter the optimizer has to sort: tied embedding, kernel, norm scale, bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(11, 6)
+        self.proj = nn.Linear(6, 6, bias=False)
+        self.ln = nn.LayerNorm(6, bias=False)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.wte.weight  # tied, as in PaLM
+        self.bias = nn.Parameter(torch.full((6,), 0.5))
+
+    def forward(self, idx):
+        return self.head(self.ln(self.proj(self.wte(idx))) + self.bias)
+
+
+# ----------------------------------------------------------------------------- Adafactor
+
+
+def adafactor_reference(p0, grads, lrs, wd_mask, beta1=0.9, decay=0.8, eps1=1e-30, eps2=1e-3):
+    """The PALM.md / T5X Adafactor equations, re-derived in float64 numpy. Returns params and clip log."""
+    p, v, m = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)
+    clipped, floored = [], []
+    for k, (g, lr) in enumerate(zip(grads, lrs, strict=True), start=1):
+        beta2 = 1.0 - k**-decay
+        v = beta2 * v + (1.0 - beta2) * (g * g + eps1)
+        u = g / np.sqrt(v)
+        denom = max(1.0, np.sqrt(np.mean(u * u)))
+        clipped.append(denom > 1.0)
+        u = u / denom
+        scale = max(eps2, np.sqrt(np.mean(p * p)))
+        floored.append(scale == eps2)
+        m = beta1 * m + (1.0 - beta1) * (lr * scale * u)
+        p = (1.0 - (lr * lr if wd_mask else 0.0)) * p - m
+    return p, clipped, floored
+
+
+def test_adafactor_matches_hand_derived_reference():
+    rng = np.random.default_rng(0)
+    lrs = [0.2, 0.05, 0.3, 0.1, 0.25, 0.15]
+    cases = {  # name: (initial value, decayed?)
+        "matrix": (rng.normal(size=(5, 7)), True),
+        "vector": (1.0 + 0.1 * rng.normal(size=7), False),
+        "tiny_matrix": (1e-4 * rng.normal(size=(3, 4)), True),  # RMS < eps2: exercises the floor
+    }
+    # growing gradients, so a stale v makes RMS(u) > 1 and update clipping has to act
+    grads = {
+        n: [(1 + 3 * i) * rng.normal(size=v0.shape) for i in range(len(lrs))] for n, (v0, _) in cases.items()
+    }
+    params = {n: nn.Parameter(torch.tensor(v, dtype=torch.float64)) for n, (v, _) in cases.items()}
+    opt = PaLMAdafactor(
+        [
+            {"params": [params[n] for n, (_, d) in cases.items() if d], "weight_decay": 0.0, "decay": True},
+            {"params": [params["vector"]], "weight_decay": 0.0, "decay": False},
+        ]
+    )
+    cfg = OptimConfig(optimizer="adafactor", weight_decay_mode="lr_squared")
+    for i, lr in enumerate(lrs):
+        set_lr(opt, lr, cfg)
+        for n, p in params.items():
+            p.grad = torch.tensor(grads[n][i])
+        opt.step()
+    for n, (v0, decayed) in cases.items():
+        want, clipped, floored = adafactor_reference(v0, grads[n], lrs, decayed)
+        np.testing.assert_allclose(params[n].detach().numpy(), want, rtol=1e-12, atol=1e-15, err_msg=n)
+        assert any(clipped), n  # otherwise the test would not see a broken clip
+        assert all(floored) == (n == "tiny_matrix"), n
+    assert opt.state[params["matrix"]]["step"] == len(lrs)
+
+
+def test_adafactor_first_step_closed_form():
+    # k = 1: beta2 = 0, v = g^2 + eps1, u = sign(g); m = 0.1 * lr * RMS(p) * sign(g).
+    p = nn.Parameter(torch.tensor([[3.0, -4.0], [0.0, 0.0]], dtype=torch.float64))  # RMS = 2.5
+    opt = PaLMAdafactor([p], lr=0.1)
+    p.grad = torch.tensor([[2.0, -0.5], [1e-3, -7.0]], dtype=torch.float64)
+    opt.step()
+    want = np.array([[3.0, -4.0], [0.0, 0.0]]) - 0.1 * 0.1 * 2.5 * np.array([[1, -1], [1, -1]])
+    np.testing.assert_allclose(p.detach().numpy(), want, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- weight decay
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+@pytest.mark.parametrize(
+    "mode, factor",
+    [
+        ("lr_squared", lambda lr: 1 - lr * lr),
+        ("decoupled", lambda lr: 1 - lr * 0.1),
+        ("none", lambda lr: 1.0),
+    ],
+)
+def test_weight_decay_modes_with_zero_gradient(optimizer, mode, factor):
+    torch.manual_seed(0)
+    model = Tiny()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = OptimConfig(optimizer=optimizer, weight_decay_mode=mode, weight_decay=0.1, learning_rate=0.3)
+    opt = build_optimizer(model, cfg, "cpu")
+    lrs = [0.3, 0.1, 0.25, 0.05]
+    for lr in lrs:
+        set_lr(opt, lr, cfg)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    shrink = math.prod(factor(lr) for lr in lrs)  # lr_squared: 0.91*0.99*0.9375*0.9975 ~ 0.8425
+    for n, p in model.named_parameters():
+        want = before[n] * (shrink if p.dim() >= 2 else 1.0)
+        torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=0, msg=n)
+
+
+def test_param_groups_split_matrices_from_vectors():
+    model = Tiny()
+    opt = build_optimizer(model, OptimConfig(), "cpu")
+    names = {id(p): n for n, p in model.named_parameters()}
+    split = {g["decay"]: sorted(names[id(p)] for p in g["params"]) for g in opt.param_groups}
+    assert split == {True: ["proj.weight", "wte.weight"], False: ["bias", "ln.weight"]}
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.95)
+
+
+def test_build_sets_step_zero_lr_and_lr_squared_decay():
+    cfg = OptimConfig(
+        optimizer="adafactor", learning_rate=1e-2, lr_schedule="palm", weight_decay_mode="lr_squared"
+    )
+    opt = build_optimizer(Tiny(), cfg, "cpu")
+    assert isinstance(opt, PaLMAdafactor)
+    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(1e-2, 1e-2), (1e-2, 0.0)]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_state_dict_resume_is_bitwise_exact(optimizer):
+    cfg = OptimConfig(optimizer=optimizer, learning_rate=1e-2, warmup_iters=2, weight_decay_mode="lr_squared")
+    idx = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(1))
+
+    def train(model, opt, steps):
+        for step in steps:
+            set_lr(opt, lr_at(step, cfg), cfg)
+            model.zero_grad(set_to_none=True)
+            model((idx + step) % 11).square().mean().backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = build_optimizer(model, cfg, "cpu")
+    train(model, opt, range(3))
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    train(model, opt, range(3, 6))
+
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed = Tiny()
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = build_optimizer(resumed, cfg, "cpu")
+    opt2.load_state_dict(ckpt["opt"])
+    train(resumed, opt2, range(3, 6))
+    for (n, a), b in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def test_palm_schedule_exact_values_and_continuity():
+    cfg = OptimConfig(lr_schedule="palm", learning_rate=1e-2, palm_constant_steps=10000)
+    assert lr_at(0, cfg) == lr_at(9999, cfg) == lr_at(10000, cfg) == 1e-2
+    for k in (10001, 40000, 250000):
+        assert lr_at(k, cfg) == pytest.approx(1 / math.sqrt(k), rel=1e-12)  # the paper's 1/sqrt(k)
+    assert lr_at(40000, cfg) == pytest.approx(5e-3, rel=1e-12)
+    assert abs(lr_at(10001, cfg) - lr_at(10000, cfg)) < 1e-6
+    small = OptimConfig(lr_schedule="palm", learning_rate=6e-4, palm_constant_steps=100)
+    assert lr_at(400, small) == pytest.approx(3e-4, rel=1e-12)
+
+
+def test_cosine_schedule_exact_values_and_continuity():
+    cfg = OptimConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=110)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(4, cfg) == pytest.approx(5e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(5.5e-4)  # halfway: mean of lr and min_lr
+    assert lr_at(35, cfg) == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi / 4)) * 9e-4)
+    assert 0 < lr_at(109, cfg) - 1e-4 < 3e-7  # continuous into min_lr at lr_decay_iters
+    assert lr_at(110, cfg) == lr_at(10**6, cfg) == 1e-4
+
+
+def test_constant_schedule():
+    warm = OptimConfig(lr_schedule="constant", learning_rate=2e-4, warmup_iters=4)
+    assert [lr_at(s, warm) for s in (0, 2, 3, 1000)] == pytest.approx([5e-5, 1.5e-4, 2e-4, 2e-4])
+    cfg = OptimConfig(lr_schedule="constant", learning_rate=2e-4, warmup_iters=0)
+    assert lr_at(0, cfg) == lr_at(10**6, cfg) == 2e-4
+
+
+# ----------------------------------------------------------------------------- batch ramp and config
+
+
+def test_batch_ramp_follows_palm_section5():
+    ramp = "50000:2,115000:4"  # 512 -> 1024 -> 2048 sequences with micro-batches of 512 / base
+    got = [micro_steps_at(s, 4, ramp) for s in (0, 49999, 50000, 114999, 115000, 255000)]
+    assert got == [4, 4, 8, 8, 16, 16]
+    assert micro_steps_at(10**6, 3, "") == 3
+    assert micro_steps_at(7, 3, " 5 : 2 ") == 6
+
+
+BAD_RAMPS = ["50000", "a:2", "50000:0", "100:2,50:4", "100:2,100:4", "50000:2,", "-5:2", "1:1.5"]
+
+
+@pytest.mark.parametrize("ramp", BAD_RAMPS)
+def test_bad_batch_ramp_is_user_error(ramp):
+    with pytest.raises(UserError, match="expected 'STEP:MULT"):
+        micro_steps_at(0, 1, ramp)
+    with pytest.raises(UserError, match="batch_ramp"):
+        OptimConfig(batch_ramp=ramp).validate()
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"learning_rate": -1e-3, "min_lr": 0.0}, "^learning_rate must be > 0"),
+        ({"optimizer": "sgd"}, "optimizer"),
+        ({"lr_schedule": "linear"}, "lr_schedule"),
+        ({"weight_decay_mode": "l2"}, "weight_decay_mode"),
+        ({"min_lr": 1.0}, "^min_lr"),
+        ({"warmup_iters": 100, "lr_decay_iters": 100}, "lr_decay_iters"),
+        ({"beta2": 1.0}, "beta2"),
+        ({"grad_clip": -1.0}, "grad_clip"),
+        ({"palm_constant_steps": 0}, "palm_constant_steps"),
+    ],
+)
+def test_validate_rejects_bad_values(kw, match):
+    with pytest.raises(UserError, match=match):
+        OptimConfig(**kw).validate()
+
+
+def test_defaults_are_valid_and_paper_recipe_is_valid():
+    OptimConfig().validate()
+    OptimConfig(
+        optimizer="adafactor",
+        learning_rate=1e-2,
+        lr_schedule="palm",
+        weight_decay_mode="lr_squared",
+        grad_clip=1.0,
+    ).validate()
