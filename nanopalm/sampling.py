@@ -1,0 +1,44 @@
+"""Turning logits into tokens: temperature, top-k and top-p (nucleus) sampling."""
+
+from __future__ import annotations
+
+import torch
+
+from nanopalm.errors import UserError
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set to -inf every logit outside the top_k largest and outside the smallest set of tokens whose
+    probability adds up to at least top_p (the most likely token is always kept)."""
+    if top_k is not None and top_k <= 0:
+        raise UserError(f"top_k={top_k} must be a positive integer (or unset)")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise UserError(f"top_p={top_p} must be in (0, 1]")
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked before it already reach top_p.
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits (B, vocab) -> next token ids (B,). temperature 0 means greedy."""
+    if temperature < 0:
+        raise UserError(f"temperature={temperature} must be >= 0")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

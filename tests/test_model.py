@@ -1,0 +1,240 @@
+"""The model's properties, each checked so that the test fails if the property breaks."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from nanopalm.errors import UserError
+from nanopalm.model import (
+    MODEL_PRESETS,
+    PaLM,
+    PaLMConfig,
+    apply_rope,
+    config_from_preset,
+    gpt2_config,
+    lm_losses,
+    param_count_formula,
+    rope_tables,
+)
+
+
+def tiny(**overrides) -> PaLMConfig:
+    base = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, d_model=32, d_ff=64)
+    return PaLMConfig(**{**base, **overrides})
+
+
+@pytest.mark.parametrize("overrides", [{}, {"parallel_block": False}, {"pos_emb": "learned"}, {"n_kv_head": 4}])
+def test_causality(overrides):
+    torch.manual_seed(0)
+    model = PaLM(tiny(**overrides)).eval()
+    idx = torch.randint(0, 64, (2, 20))
+    changed = idx.clone()
+    t = 11
+    changed[:, t] = (changed[:, t] + 1) % 64
+    a, _ = model(idx)
+    b, _ = model(changed)
+    assert torch.equal(a[:, :t], b[:, :t])
+    assert not torch.allclose(a[:, t:], b[:, t:])  # and the change is seen from t on
+
+
+def test_rope_preserves_norm_and_is_relative():
+    torch.manual_seed(0)
+    cos, sin = rope_tables(64, 128, 10000.0)
+    x = torch.randn(128, 64, dtype=torch.float32)
+    rotated = apply_rope(x, cos, sin)
+    torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(rotated[1:], x[1:])  # it does rotate
+
+    q, k = torch.randn(64), torch.randn(64)
+
+    def score(m: int, n: int) -> float:
+        qm = apply_rope(q[None], cos[m:m + 1], sin[m:m + 1])[0]
+        kn = apply_rope(k[None], cos[n:n + 1], sin[n:n + 1])[0]
+        return float(qm @ kn)
+
+    for m, n in [(5, 2), (40, 3), (100, 100)]:
+        for shift in (1, 17):
+            assert score(m, n) == pytest.approx(score(m + shift, n + shift), rel=1e-4, abs=1e-4)
+    assert score(5, 2) != pytest.approx(score(6, 2), rel=1e-3)
+
+
+def test_mqa_has_one_kv_head_and_equals_mha_with_copied_heads():
+    torch.manual_seed(0)
+    mqa = PaLM(tiny(n_kv_head=1)).eval()
+    cfg = mqa.config
+    q_dim, hd = cfg.n_head * cfg.head_dim, cfg.head_dim
+    # One key head and one value head in the fused input projection.
+    assert mqa.blocks[0].in_proj.weight.shape[0] == q_dim + 2 * hd + 2 * cfg.d_ff
+    mha = PaLM(tiny(n_kv_head=cfg.n_head)).eval()
+    state = mqa.state_dict()
+    for i in range(cfg.n_layer):
+        w = state[f"blocks.{i}.in_proj.weight"]
+        q, k, v, u = w.split([q_dim, hd, hd, 2 * cfg.d_ff])
+        state[f"blocks.{i}.in_proj.weight"] = torch.cat([q, k.repeat(cfg.n_head, 1), v.repeat(cfg.n_head, 1), u])
+    mha.load_state_dict(state)
+    idx = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(mha(idx)[0], mqa(idx)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        tiny(),
+        tiny(parallel_block=False, mlp="gelu", bias=True, tie_embeddings=False),
+        tiny(n_kv_head=2, head_dim=12, pos_emb="learned"),
+        gpt2_config(n_layer=12, n_head=12, d_model=768, vocab_size=50257, block_size=1024),
+    ],
+)
+def test_param_count_matches_formula(cfg):
+    assert PaLM(cfg).num_params() == param_count_formula(cfg)
+
+
+def test_param_count_of_the_seed_model():
+    seed = config_from_preset("seed_213m")
+    assert param_count_formula(seed) == 214_011_648  # one shared LayerNorm per block (PaLM)
+    assert param_count_formula(config_from_preset("seed_213m", parallel_block=False)) == 214_014_720
+    # GPT-2 small from the same code has GPT-2's well-known 124,439,808 parameters (tied, vocab 50257).
+    gpt2 = gpt2_config(n_layer=12, n_head=12, d_model=768, vocab_size=50257, block_size=1024)
+    assert param_count_formula(gpt2) == 124_439_808
+
+
+def test_init_statistics():
+    torch.manual_seed(0)
+    model = PaLM(tiny(d_model=256, d_ff=1024, n_head=4, vocab_size=512))
+    assert model.wte.weight.std().item() == pytest.approx(1.0, rel=0.02)
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and "wte" not in name:
+            assert p.std().item() == pytest.approx(p.shape[1] ** -0.5, rel=0.05), name
+    assert all(torch.equal(p, torch.ones_like(p)) for n, p in model.named_parameters() if p.dim() == 1)
+
+
+def test_logits_are_scaled_by_inverse_sqrt_d_model():
+    torch.manual_seed(0)
+    scaled = PaLM(tiny(logit_scale=True)).eval()
+    unscaled = PaLM(tiny(logit_scale=False)).eval()
+    unscaled.load_state_dict(scaled.state_dict())
+    idx = torch.randint(0, 64, (1, 8))
+    torch.testing.assert_close(scaled(idx)[0], unscaled(idx)[0] / math.sqrt(32))
+
+
+def test_z_loss_on_a_hand_computed_case():
+    logits = torch.tensor([[[0.0, math.log(3.0)], [1.0, 1.0]]], dtype=torch.float64)  # Z = 4 and Z = 2e
+    targets = torch.tensor([[0, 1]])
+    total, ce = lm_losses(logits, targets, z_loss=1e-4)
+    ce_expected = (math.log(4.0) + math.log(2.0)) / 2  # -log(1/4), -log(1/2)
+    z_expected = 1e-4 * (math.log(4.0) ** 2 + (1 + math.log(2.0)) ** 2) / 2
+    assert ce.item() == pytest.approx(ce_expected, rel=1e-6)
+    assert (total - ce).item() == pytest.approx(z_expected, rel=1e-4)
+    # Ignored targets (-1) count in neither term.
+    total_ign, ce_ign = lm_losses(logits, torch.tensor([[0, -1]]), z_loss=1e-4)
+    assert ce_ign.item() == pytest.approx(math.log(4.0), rel=1e-6)
+    assert (total_ign - ce_ign).item() == pytest.approx(1e-4 * math.log(4.0) ** 2, rel=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"parallel_block": False, "mlp": "gelu", "pos_emb": "learned",
+                                            "bias": True, "tie_embeddings": False, "n_kv_head": 2}])
+def test_gradients_match_finite_differences_in_float64(overrides):
+    torch.manual_seed(0)
+    model = PaLM(tiny(n_layer=1, d_model=16, d_ff=32, n_head=2, vocab_size=16, **overrides)).double()
+    idx = torch.randint(0, 16, (2, 8))
+    targets = torch.randint(0, 16, (2, 8))
+    _, loss = model(idx, targets)
+    loss.backward()
+    gen = torch.Generator().manual_seed(1)
+    eps = 1e-6
+    for name, p in model.named_parameters():
+        flat, grad = p.data.view(-1), p.grad.view(-1)
+        for i in torch.randint(0, flat.numel(), (3,), generator=gen).tolist():
+            orig = flat[i].item()
+            flat[i] = orig + eps
+            up = model(idx, targets)[1].item()
+            flat[i] = orig - eps
+            down = model(idx, targets)[1].item()
+            flat[i] = orig
+            assert grad[i].item() == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-8), name
+
+
+def test_eval_mode_turns_dropout_off():
+    torch.manual_seed(0)
+    model = PaLM(tiny(dropout=0.3))
+    idx = torch.randint(0, 64, (2, 16))
+    model.train()
+    assert not torch.equal(model(idx)[0], model(idx)[0])
+    model.eval()
+    assert torch.equal(model(idx)[0], model(idx)[0])
+
+
+SWITCHES = dict(
+    parallel_block=[True, False], n_kv_head=[1, 2, 4], mlp=["swiglu", "gelu"], pos_emb=["rope", "learned"],
+    logit_scale=[True, False], z_loss=[1e-4, 0.0], bias=[False, True], tie_embeddings=[True, False],
+    init=["palm", "gpt2"],
+)
+
+
+def test_every_combination_of_switches_overfits_one_batch():
+    # 768 tiny models: one thread is faster than two for ops this small.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        failures = overfit_failures()
+    finally:
+        torch.set_num_threads(threads)
+    assert not failures, failures
+
+
+def overfit_failures() -> list:
+    failures = []
+    for values in itertools.product(*SWITCHES.values()):
+        switches = dict(zip(SWITCHES, values, strict=True))
+        torch.manual_seed(0)
+        cfg = PaLMConfig(vocab_size=32, block_size=16, n_layer=1, n_head=4, d_model=32, d_ff=64, **switches)
+        model = PaLM(cfg)
+        x, y = torch.randint(0, 32, (2, 16)), torch.randint(0, 32, (2, 16))
+        opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+        for step in range(30):
+            _, loss = model(x, y)
+            if step == 0:
+                first = loss.item()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if not loss.item() < 0.25 * first:
+            failures.append((switches, first, loss.item()))
+    return failures
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(n_layer=0), "n_layer=0 must be a positive integer"),
+        (dict(d_model=30, n_head=4), "not divisible by n_head"),
+        (dict(n_head=6, head_dim=8, n_kv_head=4), "multiple of n_kv_head"),
+        (dict(head_dim=7), "must be even"),
+        (dict(mlp="relu"), "mlp='relu' is not one of"),
+        (dict(dropout=1.5), "dropout=1.5"),
+    ],
+)
+def test_bad_config_is_one_clear_error(overrides, message):
+    with pytest.raises(UserError, match=message):
+        tiny(**overrides)
+
+
+def test_presets_build_and_palm_shapes_follow_the_paper():
+    for name in MODEL_PRESETS:
+        cfg = config_from_preset(name)
+        assert cfg.n_kv_head == 1 and cfg.parallel_block  # all presets are PaLM-shaped
+        if name.startswith("palm_") and name != "palm_20m":
+            assert cfg.d_ff == 4 * cfg.d_model and cfg.head_dim in (128, 256)
+    assert param_count_formula(config_from_preset("palm_20m")) == pytest.approx(20e6, rel=0.15)
+    assert param_count_formula(config_from_preset("palm_125m")) == pytest.approx(125e6, rel=0.15)
+    assert param_count_formula(config_from_preset("palm_350m")) == pytest.approx(350e6, rel=0.15)
+    assert param_count_formula(config_from_preset("palm_1b")) == pytest.approx(1e9, rel=0.15)
+
+
+def test_flops_per_token_follows_appendix_b():
+    model = PaLM(tiny())
+    c = model.config
+    expected = 6 * model.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * 32
+    assert model.flops_per_token(32) == expected
