@@ -49,14 +49,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to a temporary name, fsync, rename: readers see the old file or the new, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(
     run_dir: Path,
     step: int,

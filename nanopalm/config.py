@@ -82,7 +82,8 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         """Flat {key: value}, the same namespace the command line uses."""
-        return {k: v for section in (self.model, self.optim, self.train) for k, v in dataclasses.asdict(section).items()}
+        sections = (self.model, self.optim, self.train)
+        return {k: v for section in sections for k, v in dataclasses.asdict(section).items()}
 
 
 SECTIONS = {"model": PaLMConfig, "optim": OptimConfig, "train": TrainConfig}
@@ -176,7 +177,8 @@ def help_text() -> str:
     for section, cls in SECTIONS.items():
         lines.append(f"{section}:")
         for f in dataclasses.fields(cls):
-            lines.append(f"  --{f.name}={f.default!s:<12} {f.metadata.get('help', '')}")
+            flag = f"--{f.name}={f.default}"
+            lines.append(f"  {flag:<34} {f.metadata.get('help', '')}")
         lines.append("")
     return "\n".join(lines)
 

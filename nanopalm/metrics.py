@@ -1,0 +1,76 @@
+"""What a run reports: console lines, metrics.jsonl, and TensorBoard / wandb when asked for."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from nanopalm.errors import UserError
+
+# Dense peak FLOP/s per GPU for bf16/fp16 matmuls (vendor datasheets, without sparsity), used for MFU.
+GPU_PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def gpu_peak_flops(device: torch.device) -> float | None:
+    """The bf16 peak of a known GPU, by its name; None when unknown (MFU is then not reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in GPU_PEAK_FLOPS.items():
+        if key.lower() in name.lower():
+            return flops
+    return None
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation, PaLM Appendix B: achieved model FLOP/s over the hardware peak."""
+    return flops_per_token * tokens_per_s / peak_flops
+
+
+class MetricsLogger:
+    """One JSON object per line in out_dir/metrics.jsonl, plus optional TensorBoard and wandb."""
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, wandb_project: str, config: dict):
+        self.enabled = enabled
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        self.file = open(Path(out_dir) / "metrics.jsonl", "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("--tensorboard=True needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(str(Path(out_dir) / "tb"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--wandb_project needs the wandb package: pip install wandb") from None
+            self.wandb = wandb.init(project=wandb_project, config=config, dir=str(out_dir))
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb is not None:
+            for key, value in numbers.items():
+                self.tb.add_scalar(key, value, row["step"])
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=row["step"])
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

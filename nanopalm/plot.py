@@ -1,0 +1,66 @@
+"""Loss curves against tokens seen, like the seed's palm_loss.png, for one run or several together.
+
+    python -m nanopalm.plot out-a out-b --output compare.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from nanopalm.errors import UserError, run_cli
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path} not found: is {run_dir} a training run directory?")
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash; the rest is still good
+    return rows
+
+
+def plot_runs(run_dirs: list[str | Path], output: str | Path, labels: list[str] | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for i, run_dir in enumerate(run_dirs):
+        rows = read_metrics(run_dir)
+        label = labels[i] if labels else Path(run_dir).name
+        train = [(r["tokens"], r["train_loss"]) for r in rows if "train_loss" in r]
+        val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
+        if train:
+            ax.plot(*zip(*train, strict=True), alpha=0.5, label=f"{label} train")
+        if val:
+            ax.plot(*zip(*val, strict=True), marker="o", label=f"{label} val")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    output = Path(output)
+    tmp = output.with_name(output.stem + ".tmp" + output.suffix)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(output)  # a viewer never sees a half-written PNG
+    return output
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description="Plot the loss curves of one or more runs.")
+    parser.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
+    parser.add_argument("--output", default="loss.png", help="PNG to write")
+    args = parser.parse_args(argv)
+    print(plot_runs(args.runs, args.output))
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

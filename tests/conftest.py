@@ -1,0 +1,32 @@
+"""Shared fixtures: a small character-level Shakespeare dataset and tiny training configs."""
+
+from pathlib import Path
+
+import pytest
+
+from nanopalm.config import build_config
+from nanopalm.shakespeare import prepare
+
+
+@pytest.fixture(scope="session")
+def char_dataset(tmp_path_factory) -> Path:
+    """The built-in corpus with the char tokenizer (vocabulary 77), prepared once per test session."""
+    return prepare(tmp_path_factory.mktemp("shakespeare_char"), tokenizer="char")
+
+
+TINY_RUN = dict(
+    vocab_size=80, block_size=32, n_layer=2, n_head=2, head_dim=16, d_model=32, batch_size=8,
+    max_iters=40, eval_interval=20, eval_iters=4, log_interval=1, learning_rate=3e-3, warmup_iters=5,
+    lr_decay_iters=200, min_lr=3e-4, device="cpu", dtype="float32", compile="false", sample_tokens=0,
+)
+
+
+@pytest.fixture
+def tiny_run(char_dataset, tmp_path):
+    """tiny_run(name, **overrides) -> RunConfig of a tiny model on the char dataset, in tmp_path/name."""
+
+    def make(name: str = "run", **overrides):
+        values = {**TINY_RUN, "dataset": str(char_dataset), "out_dir": str(tmp_path / name), **overrides}
+        return build_config(values)
+
+    return make

@@ -1,0 +1,115 @@
+"""The training loop: loss falls, accumulation is exact, resume is bitwise, spikes roll back, finetuning."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nanopalm import checkpoint as ckpt
+from nanopalm.trainer import Trainer, train
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run_dir) -> dict[str, torch.Tensor]:
+    path, _ = ckpt.find_checkpoint(run_dir)
+    return load_file(path / ckpt.MODEL_FILE)
+
+
+def test_short_run_learns_and_writes_its_run_directory(tiny_run, tmp_path):
+    cfg = tiny_run(max_iters=60, eval_interval=30)
+    result = train(cfg)
+    out = tmp_path / "run"
+    rows = metrics(out)
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(vals) == 3 and vals[-1] < vals[0] - 1.0, vals  # from ~ln(80)=4.4 well down
+    assert result["val_bpb"] == pytest.approx(vals[-1] / math.log(2) / 0.99983, rel=1e-3)
+    assert {"step", "tokens", "train_loss", "lr", "ms_per_step", "tokens_per_s"} <= set(rows[1])
+    assert rows[-1]["tokens"] == 60 * 8 * 32
+    assert json.loads((out / "config.json").read_text())["n_layer"] == 2
+    assert (out / "loss.png").stat().st_size > 1000
+    assert (out / "tokenizer.json").is_file()
+    keys = final_weights(out).keys()
+    assert keys and not any(k.startswith("_orig_mod.") for k in keys)
+
+
+def test_gradient_accumulation_gives_the_same_gradient(tiny_run):
+    """One micro-batch of 8 and two of 4 over the same 8 sequences give one gradient."""
+    batch = Trainer(tiny_run("a")).train_loader.get_batch(0, 0)
+    grads = []
+    for name, micro, size in (("one", 1, 8), ("two", 2, 4)):
+        trainer = Trainer(tiny_run(name, batch_size=size, gradient_accumulation_steps=micro))
+        trainer.train_loader.get_batch = lambda step, m, s=size: (batch[0][m * s:(m + 1) * s],
+                                                                    batch[1][m * s:(m + 1) * s])
+        captured = {}
+        trainer.scaler.step = lambda opt, c=captured, t=trainer: c.update(
+            {n: p.grad.clone() for n, p in t.raw_model.named_parameters()})
+        trainer.train_step()
+        grads.append(captured)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7)
+    assert any(g.abs().max() > 1e-3 for g in grads[0].values())
+
+
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_run, tmp_path):
+    common = dict(dropout=0.1, max_iters=40, eval_interval=10)
+    train(tiny_run("straight", **common))
+    train(tiny_run("stopped", **{**common, "max_iters": 20}))
+    train(tiny_run("stopped", **common, resume=True))
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    def losses(run):
+        return [(r["step"], r["train_loss"]) for r in metrics(tmp_path / run) if "train_loss" in r]
+    assert losses("straight") == losses("stopped")
+
+
+def test_a_loss_spike_rolls_back_and_skips_batches(tiny_run, tmp_path):
+    cfg = tiny_run(max_iters=30, eval_interval=10, spike_factor=3.0, spike_skip=7)
+    trainer = Trainer(cfg)
+    forward = trainer.model.forward
+    injected = []
+
+    def spiking_forward(x, y=None):
+        logits, loss = forward(x, y)
+        if y is not None and trainer.step == 15 and not injected:
+            injected.append(trainer.step)
+            loss = loss * 100  # a spike far above the running median
+        return logits, loss
+
+    trainer.model.forward = spiking_forward
+    trainer.train()
+    rows = metrics(tmp_path / "run")
+    (event,) = [r for r in rows if r.get("event") == "loss_spike"]
+    assert event["step"] == 15 and event["rolled_back_to"] == 10
+    assert event["data_offset"] == 15 + 7 - 10  # step 10 now reads the batch after the skipped ones
+    assert trainer.step == 30 and trainer.data_offset == 12
+    assert all(math.isfinite(r["train_loss"]) and r["train_loss"] < 10 for r in rows if "train_loss" in r)
+
+
+def test_a_nan_gradient_never_reaches_the_weights(tiny_run, tmp_path):
+    trainer = Trainer(tiny_run(max_iters=14, eval_interval=5))
+    forward = trainer.model.forward
+
+    def nan_forward(x, y=None):
+        logits, loss = forward(x, y)
+        return logits, (loss * float("nan") if y is not None and trainer.step == 7 and not trainer.rollbacks
+                        else loss)
+
+    trainer.model.forward = nan_forward
+    trainer.train()
+    assert trainer.rollbacks == 1
+    assert all(torch.isfinite(p).all() for p in trainer.raw_model.parameters())
+    assert all(torch.isfinite(t).all() for t in final_weights(tmp_path / "run").values())
+
+
+def test_finetune_starts_from_trained_weights_with_a_fresh_optimizer(tiny_run, tmp_path):
+    base = train(tiny_run("base", max_iters=40))
+    trainer = Trainer(tiny_run("ft", init_from=str(tmp_path / "base"), dropout=0.1, learning_rate=1e-4, min_lr=1e-5,
+                               max_iters=5, n_layer=7))  # architecture comes from the checkpoint
+    assert trainer.step == 0 and trainer.cfg.model.n_layer == 2 and trainer.cfg.model.dropout == 0.1
+    assert not trainer.optimizer.state  # fresh optimizer
+    assert trainer.evaluate() == pytest.approx(base["val_loss"], rel=1e-6)

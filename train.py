@@ -1,0 +1,24 @@
+"""Train a PaLM model.
+
+    python train.py                                  # built-in Shakespeare, CPU-sized, <= 10 minutes
+    python train.py owt_palm_213m                    # the seed's OpenWebText run (prepare it first)
+    python train.py --max_iters=200 --out_dir=out-x  # any key of `python train.py --help`
+    torchrun --standalone --nproc_per_node=8 train.py owt_palm_213m
+"""
+
+import sys
+
+from nanopalm.config import help_text, parse_args
+from nanopalm.errors import run_cli
+from nanopalm.trainer import train
+
+
+def main(argv: list[str]) -> None:
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        return
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
