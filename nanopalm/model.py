@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanopalm.errors import UserError
-from nanopalm.sampling import sample_next_token
+from nanopalm.sampling import check_sampling_args, sample_next_token
 
 
 @dataclass
@@ -135,6 +135,10 @@ class KVCache:
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+    def reset(self) -> None:
+        """Forget every position (the buffers stay allocated, and are overwritten from position 0)."""
+        self.length = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v at the current positions; return all keys and values up to them."""
@@ -273,13 +277,13 @@ class PaLM(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
 
-    def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) -> (logits (B, T, vocab), loss or None).
 
         With a cache, idx holds the tokens after the `cache.length` already cached ones; the cache
-        advances by T.
+        advances by T. last_only computes the logits of the last position only, (B, 1, vocab): all that
+        generation needs, and T times less work in the output layer.
         """
         c = self.config
         T = idx.shape[1]
@@ -297,6 +301,8 @@ class PaLM(nn.Module):
             x = block(x, rope, cache, i)
         if cache is not None:
             cache.length += T
+        if last_only:
+            x = x[:, -1:]
         x = self.ln_f(x)
         if self.lm_head is None:
             logits = F.linear(x, self.wte.weight)
@@ -338,21 +344,21 @@ class PaLM(nn.Module):
         """
         if max_new_tokens <= 0:
             raise UserError(f"max_new_tokens={max_new_tokens} must be positive")
+        if idx.shape[1] == 0:
+            raise UserError("the prompt is empty: give at least one token to continue from")
+        check_sampling_args(temperature, top_k, top_p)
         block_size = self.config.block_size
-        start = max(0, idx.shape[1] - block_size)
-        cache = None
+        start = max(0, idx.shape[1] - block_size)  # the window is idx[:, start:]
+        cache = self.new_cache(idx.shape[0]) if use_cache else None
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             if idx.shape[1] - start > block_size:
                 start = idx.shape[1] - max(1, block_size // 2)
-                cache = None
-            if not use_cache:
-                logits, _ = self(idx[:, start:])
-            elif cache is None:
-                cache = self.new_cache(idx.shape[0])
-                logits, _ = self(idx[:, start:], cache=cache)
-            else:
-                logits, _ = self(idx[:, start + cache.length:], cache=cache)
+                if cache is not None:
+                    cache.reset()  # positions restart at the new window's start: re-encode it
+            # With a cache only the tokens it has not seen go in: the whole window once, then one a step.
+            seen = cache.length if cache is not None else 0
+            logits, _ = self(idx[:, start + seen:], cache=cache, last_only=True)
             next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
             if eot_id is not None:
                 next_token = torch.where(finished, eot_id, next_token)
@@ -360,7 +366,7 @@ class PaLM(nn.Module):
             idx = torch.cat([idx, next_token[:, None]], dim=1)
             if on_token is not None:
                 on_token(next_token)
-            if finished.all():
+            if eot_id is not None and finished.all():  # (no GPU sync per token when there is no eot)
                 break
         return idx
 
