@@ -1,0 +1,228 @@
+"""Generation: the KV cache changes nothing but speed; stopping, seeding, long prompts, sample.py."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanopalm.errors import UserError
+from nanopalm.model import PaLM, PaLMConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_sample_script():
+    """sample.py is a script at the repository root, not part of the package: import it by path."""
+    spec = importlib.util.spec_from_file_location("sample", REPO / "sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Ops this small run faster on one thread, and a busy machine cannot stall a second one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(**overrides) -> PaLM:
+    # Untied: a random model with tied N(0, 1) embeddings greedily repeats its last token forever,
+    # which would make "the same tokens with and without the cache" a weak test.
+    base = dict(vocab_size=48, block_size=16, n_layer=2, n_head=4, d_model=32, d_ff=64, tie_embeddings=False)
+    torch.manual_seed(0)
+    return PaLM(PaLMConfig(**{**base, **overrides})).eval()
+
+
+def prompt(batch: int, length: int, vocab: int = 48, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("parallel_block", [True, False])
+@pytest.mark.parametrize("n_kv_head", [1, 2, 4], ids=["mqa", "gqa", "mha"])
+def test_cached_greedy_tokens_equal_uncached(n_kv_head, parallel_block):
+    model = tiny_model(n_kv_head=n_kv_head, parallel_block=parallel_block)
+    idx = prompt(2, 5)
+    # 40 new tokens in a 16-token window: the window jumps (and the cache is rebuilt) several times.
+    cached = model.generate(idx, 40, temperature=0.0, use_cache=True)
+    uncached = model.generate(idx, 40, temperature=0.0, use_cache=False)
+    assert cached.shape == (2, 45)
+    assert torch.equal(cached, uncached)
+    assert len(set(cached[0, 5:].tolist())) > 3  # a real continuation, not one token repeated
+
+
+def test_cached_equals_uncached_with_learned_positions_and_gpt2_blocks():
+    model = tiny_model(n_kv_head=4, parallel_block=False, pos_emb="learned", mlp="gelu", bias=True)
+    idx = prompt(1, 7)
+    assert torch.equal(model.generate(idx, 30, temperature=0.0), model.generate(idx, 30, 0.0, use_cache=False))
+
+
+def test_cache_fed_in_chunks_gives_the_full_forward_logits():
+    model = tiny_model()
+    idx = prompt(2, 12)
+    full, _ = model(idx)
+    cache = model.new_cache(2)
+    first, _ = model(idx[:, :5], cache=cache)
+    rest, _ = model(idx[:, 5:], cache=cache)  # several new tokens after cached ones: the offset causal mask
+    assert cache.length == 12
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_is_preallocated_in_the_model_dtype_with_one_kv_head():
+    mqa, mha = tiny_model(n_kv_head=1), tiny_model(n_kv_head=4)
+    cache = mqa.new_cache(3)
+    assert cache.k.shape == (2, 3, 1, 16, 8) and cache.k.dtype == torch.float32
+    assert cache.nbytes() == 2 * 2 * 3 * 1 * 16 * 8 * 4  # K and V, layers, batch, heads, positions, dim, fp32
+    assert mha.new_cache(3).nbytes() == 4 * cache.nbytes()  # n_head times larger without multi-query
+    assert mqa.to(torch.bfloat16).new_cache(1).k.dtype == torch.bfloat16
+
+
+def test_bfloat16_generation_runs_with_a_bfloat16_cache():
+    model = tiny_model().to(torch.bfloat16)
+    out = model.generate(prompt(1, 4), 6, temperature=0.0)
+    assert out.shape == (1, 10)
+
+
+def test_stops_at_max_new_tokens():
+    model = tiny_model()
+    calls = []
+    out = model.generate(prompt(2, 3), 7, temperature=1.0, on_token=calls.append)
+    assert out.shape == (2, 10) and len(calls) == 7
+    assert torch.equal(torch.stack(calls, dim=1), out[:, 3:])
+
+
+def test_stops_at_end_of_document():
+    model = tiny_model()
+    idx = prompt(2, 4)
+    free = model.generate(idx, 20, temperature=0.0)[:, 4:]
+    # Declare as end-of-document a token that row 0 first produces at step 5 (and row 1 maybe never).
+    step = next(i for i in range(5, 20) if free[0, i] not in free[0, :i])
+    eot = int(free[0, step])
+    out = model.generate(idx, 20, temperature=0.0, eot_id=eot)[:, 4:]
+    ends = [row.tolist().index(eot) if eot in row.tolist() else 19 for row in free]
+    assert out.shape[1] == max(ends) + 1  # generation stops once every row has ended
+    for row, end in enumerate(ends):
+        assert torch.equal(out[row, :end + 1], free[row, :end + 1])
+        assert (out[row, end + 1:] == eot).all()  # a finished row is padded with end-of-document
+    single = model.generate(idx[:1], 20, temperature=0.0, eot_id=eot)
+    assert single.shape[1] == 4 + step + 1 and single[0, -1] == eot
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens():
+    model = tiny_model()
+
+    def run(seed: int) -> list[int]:
+        gen = torch.Generator().manual_seed(seed)
+        return model.generate(prompt(1, 3), 25, temperature=1.0, top_k=20, top_p=0.95, generator=gen)[0].tolist()
+
+    assert run(5) == run(5)
+    assert run(5) != run(6)
+
+
+@pytest.mark.parametrize("pos_emb", ["rope", "learned"])
+def test_prompt_longer_than_the_context_is_cropped_to_its_last_block(pos_emb):
+    model = tiny_model(pos_emb=pos_emb)
+    long = prompt(1, 3 * 16 + 5)
+    out = model.generate(long, 10, temperature=0.0)
+    assert out.shape == (1, 63) and torch.equal(out[:, :53], long)  # the whole prompt is kept in the output
+    cropped = model.generate(long[:, -16:], 10, temperature=0.0)
+    assert torch.equal(out[:, 53:], cropped[:, 16:])  # the model saw exactly the last 16 tokens
+    assert torch.equal(out, model.generate(long, 10, temperature=0.0, use_cache=False))
+
+
+def test_bad_generate_arguments_are_user_errors():
+    model = tiny_model()
+    with pytest.raises(UserError, match="max_new_tokens=0 must be positive"):
+        model.generate(prompt(1, 3), 0)
+    with pytest.raises(UserError, match="prompt is empty"):
+        model.generate(prompt(1, 0), 5)
+    with pytest.raises(UserError, match="top_p=2.0"):
+        model.generate(prompt(1, 3), 5, top_p=2.0)
+
+
+# ---- sample.py ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A tiny trained-looking run: one checkpoint and the char tokenizer it was made with."""
+    from nanopalm.checkpoint import save_checkpoint
+    from nanopalm.tokenizer import CharTokenizer
+
+    run = tmp_path_factory.mktemp("run")
+    tok = CharTokenizer.from_texts(["Once upon a time there was a cat é 🙂\n"])
+    model = tiny_model(vocab_size=tok.vocab_size)
+    save_checkpoint(run, 1, model.state_dict(), {}, {"config": model.config.to_dict(), "val_loss": 1.0}, keep_last=1)
+    tok.save(run)
+    return run
+
+
+def test_sample_streams_exactly_the_decoded_text(run_dir, capsys):
+    sample = load_sample_script()
+    from nanopalm.checkpoint import load_model
+    from nanopalm.tokenizer import load_tokenizer
+
+    args = [f"--out_dir={run_dir}", "--start=Once 🙂", "--max_new_tokens=30", "--seed=7", "--device=cpu"]
+    sample.main(args + ["--top_p=0.9", "--num_samples=2"])
+    streamed = capsys.readouterr().out
+    model, _ = load_model(run_dir, "cpu")
+    tok = load_tokenizer(run_dir)
+    gen = torch.Generator().manual_seed(7)
+    idx = torch.tensor([tok.encode("Once 🙂")])
+    expected = ""
+    for _ in range(2):
+        out = model.generate(idx, 30, temperature=0.8, top_k=200, top_p=0.9, eot_id=tok.eot_id, generator=gen)
+        expected += tok.decode(out[0].tolist()) + sample.SEPARATOR
+    assert streamed == expected
+    # Greedy with and without the cache: the same text.
+    sample.main(args + ["--temperature=0"])
+    cached = capsys.readouterr()
+    sample.main(args + ["--temperature=0", "--no_cache"])
+    assert capsys.readouterr().out == cached.out
+    assert "KV cache: 2,048 bytes a sequence" in cached.err  # 2 layers x 1 head x 16 x 8 x K,V x fp32
+
+
+def test_sample_reads_the_prompt_from_a_file(run_dir, tmp_path, capsys):
+    sample = load_sample_script()
+
+    (tmp_path / "p.txt").write_text("a cat", encoding="utf-8")
+    sample.main([f"--out_dir={run_dir}", f"--start=FILE:{tmp_path / 'p.txt'}", "--max_new_tokens=3", "--device=cpu"])
+    assert capsys.readouterr().out.startswith("a cat")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--start="], "the prompt is empty"),
+        (["--start=FILE:/no/such/prompt.txt"], "cannot read the prompt file /no/such/prompt.txt"),
+        (["--max_new_tokens=0"], "--max_new_tokens=0 must be a positive integer"),
+        (["--top_k=0"], "top_k=0 must be a positive integer"),
+        (["--temperature=-1"], "temperature=-1.0 must be >= 0"),
+        (["--num_samples=0"], "--num_samples=0 must be a positive integer"),
+    ],
+)
+def test_sample_bad_flags_are_user_errors(run_dir, flags, message):
+    sample = load_sample_script()
+
+    with pytest.raises(UserError, match=message):
+        sample.main([f"--out_dir={run_dir}", "--device=cpu"] + flags)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--out_dir=/no/such/run"], "error: --out_dir=/no/such/run does not exist"),
+        (["--top_p=1.5"], r"error: top_p=1.5 must be in (0, 1]"),
+    ],
+)
+def test_sample_cli_errors_are_one_line_and_exit_2(run_dir, flags, message):
+    cmd = [sys.executable, "sample.py", f"--out_dir={run_dir}", "--device=cpu"] + flags
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(message) and "Traceback" not in result.stderr
