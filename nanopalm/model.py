@@ -219,12 +219,16 @@ def lm_losses(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -> tup
     # Softmax statistics in at least fp32, even when the logits come out of bf16 autocast.
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).view(-1, logits.size(-1))
     targets = targets.reshape(-1)
-    ce = F.cross_entropy(logits, targets, ignore_index=-1)
     if z_loss == 0:
+        ce = F.cross_entropy(logits, targets, ignore_index=-1)
         return ce, ce
-    mask = targets != -1
+    # One logsumexp serves both terms: cross-entropy is log Z minus the target's logit.
+    mask = (targets != -1).float()
+    count = mask.sum()
     log_z = torch.logsumexp(logits, dim=-1)
-    return ce + z_loss * log_z.square()[mask].mean(), ce
+    target_logits = logits.gather(-1, targets.clamp_min(0)[:, None]).squeeze(-1)
+    ce = ((log_z - target_logits) * mask).sum() / count
+    return ce + z_loss * (log_z.square() * mask).sum() / count, ce
 
 
 class PaLM(nn.Module):
@@ -236,7 +240,8 @@ class PaLM(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
         self.ln_f = LayerNorm(c.d_model, c.bias)
-        self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=c.bias)
+        # The output layer has no bias, as in GPT-2, whatever `bias` says (it governs the blocks' layers).
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.pos_emb == "rope":
             # Not persistent: derived from the config, so never stored in checkpoints. Built on the
             # module's device when it is moved, never at import time (the seed's CUDA-only defect).
@@ -265,8 +270,6 @@ class PaLM(nn.Module):
         if self.lm_head is not None:
             std = c.d_model ** -0.5 if c.init == "palm" else 0.02
             nn.init.normal_(self.lm_head.weight, std=std)
-            if self.lm_head.bias is not None:
-                nn.init.zeros_(self.lm_head.bias)
 
     def num_params(self) -> int:
         """Parameter count, the tied embedding counted once (as in PaLM Appendix B)."""
@@ -304,12 +307,9 @@ class PaLM(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.ln_f(x)
-        if self.lm_head is None:
-            logits = F.linear(x, self.wte.weight)
-        else:
-            logits = self.lm_head(x)
-        if c.logit_scale:  # shared embeddings are N(0,1): keep the logits O(1) (Section 5)
-            logits = logits * c.d_model ** -0.5
+        if c.logit_scale:  # shared embeddings are N(0,1): keep the logits O(1) (Section 5). Scaling
+            x = x * c.d_model ** -0.5  # the d_model-wide input is vocab/d_model times cheaper than the logits
+        logits = F.linear(x, self.wte.weight) if self.lm_head is None else self.lm_head(x)
         if targets is None:
             return logits, None
         return logits, lm_losses(logits, targets, c.z_loss)[0]
@@ -402,7 +402,7 @@ def param_count_formula(c: PaLMConfig) -> int:
     if c.pos_emb == "learned":
         total += c.block_size * c.d_model
     if not c.tie_embeddings:
-        total += linear(c.d_model, c.vocab_size)
+        total += c.d_model * c.vocab_size
     return total
 
 
