@@ -1,0 +1,82 @@
+"""Config: presets are data, flags override them with the right types, every key is documented."""
+
+import json
+import re
+
+import pytest
+
+from nanopalm.config import CONFIG_DIR, FIELDS, config_from_dict, help_text, parse_args
+from nanopalm.errors import UserError
+
+
+def test_flags_override_the_preset_with_typed_values():
+    cfg = parse_args(["--max_iters=7", "--learning_rate=1e-3", "--parallel_block=False", "--resume", "--n_layer=2"])
+    assert cfg.train.max_iters == 7 and isinstance(cfg.train.max_iters, int)
+    assert cfg.optim.learning_rate == 1e-3
+    assert cfg.model.parallel_block is False and cfg.train.resume is True
+    assert cfg.model.n_layer == 2
+    assert cfg.train.dataset == "shakespeare"  # the rest comes from the default preset
+
+
+def test_every_preset_loads_and_its_keys_are_real():
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+    assert {"shakespeare", "owt_palm_213m", "owt_palm_paper", "finetune_shakespeare"} <= set(names)
+    for name in names:
+        raw = json.loads((CONFIG_DIR / f"{name}.json").read_text())
+        assert all(k in FIELDS for k in raw if not k.startswith("_")), name
+        parse_args([name])
+
+
+def test_the_seed_preset_is_the_seed_run():
+    cfg = parse_args(["owt_palm_213m"])
+    m, t = cfg.model, cfg.train
+    assert (m.n_layer, m.n_head, m.head_dim, m.d_model, m.d_ff, m.block_size) == (4, 6, 128, 768, 18432, 512)
+    assert (t.batch_size, t.gradient_accumulation_steps, t.max_iters) == (16, 4, 100_000)
+
+
+def test_the_paper_preset_is_the_paper_recipe():
+    cfg = parse_args(["owt_palm_paper"])
+    o = cfg.optim
+    recipe = (o.optimizer, o.learning_rate, o.lr_schedule, o.weight_decay_mode)
+    assert recipe == ("adafactor", 1e-2, "palm", "lr_squared")
+    assert o.batch_ramp and cfg.model.block_size == 2048 and cfg.model.logit_scale and cfg.model.z_loss == 1e-4
+
+
+def test_config_round_trips_through_json():
+    cfg = parse_args(["owt_palm_paper", "--seed=3"])
+    again = config_from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+
+
+def test_help_lists_every_key_with_its_default():
+    text = help_text()
+    for name, (_, f) in FIELDS.items():
+        assert f"--{name}={f.default}" in text
+        assert f.metadata.get("help"), f"{name} has no help text"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--no_such_key=1"], "unknown config key 'no_such_key'"),
+        (["--max_iters=ten"], "max_iters expects int, got 'ten'"),
+        (["--max_iters=2.5"], "max_iters expects int"),
+        (["--compile=maybe"], "compile='maybe' is not one of"),
+        (["--learning_rate"], "--learning_rate needs a value"),
+        (["--resume=perhaps"], "resume expects bool"),
+        (["no_such_preset"], "no preset 'no_such_preset'"),
+        (["--batch_size=0"], "batch_size=0 must be a positive integer"),
+        (["--resume", "--init_from=out"], "pick one"),
+    ],
+)
+def test_bad_flags_are_one_clear_error(argv, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_args(argv)
+
+
+def test_a_broken_preset_file_is_named(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="is not valid JSON"):
+        parse_args([str(bad)])
+
