@@ -35,9 +35,10 @@ from nanopalm.tokenizer import load_tokenizer
 MAX_ROLLBACKS = 10  # more spikes than this and the run is diverging, not spiking
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """The torch seed of one step on one rank: dropout masks depend on nothing else."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)
+def step_seed(seed: int, step: int, micro_step: int) -> int:
+    """The torch seed of one global micro-step: dropout masks depend on nothing else, so neither does
+    training on the number of ranks."""
+    return int(np.random.SeedSequence([seed, step, micro_step]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def tokenizer_fingerprint(directory: Path) -> str:
@@ -73,18 +74,18 @@ class Trainer:
             cfg.model = model_cfg
         torch.manual_seed(t.seed)
         self.raw_model = PaLM(cfg.model).to(self.device)
+        use_compile = t.compile == "true" or (t.compile == "auto" and self.device.type == "cuda")
+        # Before the optimizer is built: under FSDP2 it holds the parameter shards (raw_model is sharded in place).
+        self.model = D.wrap_model(self.raw_model, self.dist, self.device, self.dtype, t.fsdp, use_compile)
+        self.autocast_dtype = D.autocast_dtype(self.model, self.dtype)
         if source is not None:
             self._check_tokenizer(source[1])
-            ckpt.load_weights_into(self.raw_model, ckpt.load_model_state(source[0]), source[0])
+            D.load_model_state(self.raw_model, ckpt.load_model_state(source[0]), source[0])
         self.optimizer = build_optimizer(self.raw_model, cfg.optim, self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         if source is not None and t.resume:
             self._load_trainer_state(*source)
         self.saved_step = self.step if t.resume else -1
-
-        use_compile = t.compile == "true" or (t.compile == "auto" and self.device.type == "cuda")
-        model = torch.compile(self.raw_model) if use_compile else self.raw_model
-        self.model = D.wrap_model(model, self.dist, self.device)
 
         block = cfg.model.block_size
         vocab = cfg.model.vocab_size
@@ -117,6 +118,10 @@ class Trainer:
         t = self.cfg.train
         if t.resume:
             return ckpt.find_checkpoint(self.out_dir)
+        restart = D.restart_checkpoint(self.out_dir)
+        if restart is not None:  # torchrun restarted this job after a failure (--max_restarts): continue it
+            t.resume, t.init_from = True, ""
+            return restart
         if (self.out_dir / "checkpoints").is_dir() and any((self.out_dir / "checkpoints").iterdir()):
             raise UserError(f"{self.out_dir} already holds a run: add --resume to continue it, "
                             "or pick a new --out_dir")
@@ -133,7 +138,7 @@ class Trainer:
 
     def _load_trainer_state(self, path: Path, meta: dict) -> None:
         state = ckpt.load_trainer_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        D.load_optimizer_state(self.raw_model, self.optimizer, state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.tokens = meta["step"], meta["tokens"]
         self.data_offset, self.rollbacks = meta["data_offset"], meta.get("rollbacks", 0)
@@ -161,8 +166,10 @@ class Trainer:
             profiler.stop()
         if self.step != self.saved_step:
             last_eval = self.evaluate_and_save()
-        if self.dist.is_main and t.sample_tokens:
-            print(f"--- a sample from the model at step {self.step} ---\n{self.sample(t.sample_tokens)}\n---")
+        if t.sample_tokens and (self.dist.is_main or D.is_sharded(self.model)):  # FSDP: all ranks all-gather
+            text = self.sample(t.sample_tokens)
+            if self.dist.is_main:
+                print(f"--- a sample from the model at step {self.step} ---\n{text}\n---")
         self.logger.close()
         return last_eval
 
@@ -178,22 +185,23 @@ class Trainer:
         set_lr(self.optimizer, lr, o)
         micro_steps = micro_steps_at(self.step, t.gradient_accumulation_steps, o.batch_ramp)
         local_steps = micro_steps // self.dist.world_size
-        torch.manual_seed(step_seed(t.seed, self.step, self.dist.rank))
         data_step = self.step + self.data_offset
         loss_sum = torch.zeros((), device=self.device)
         self.model.train()
         for i in range(local_steps):
             # Global micro-step i * world + rank: ranks are disjoint and together equal one process.
-            x, y = self.train_loader.get_batch(data_step, i * self.dist.world_size + self.dist.rank)
+            micro_step = i * self.dist.world_size + self.dist.rank
+            torch.manual_seed(step_seed(t.seed, self.step, micro_step))
+            x, y = self.train_loader.get_batch(data_step, micro_step)
             with D.no_grad_sync(self.model, i == local_steps - 1), nvtx("forward-backward", self.device):
-                with autocast(self.device, self.dtype):
+                with autocast(self.device, self.autocast_dtype):
                     _, loss = self.model(x, y)
                     loss = loss / local_steps  # the mean over micro-steps, not their sum (seed defect 5)
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         self.scaler.unscale_(self.optimizer)
         max_norm = o.grad_clip if o.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+        grad_norm = D.clip_grad_norm(self.raw_model, max_norm)
         stats = torch.stack([loss_sum.float(), torch.as_tensor(grad_norm, device=self.device).float()])
         loss_value, norm_value = D.all_reduce_mean(stats, self.dist).tolist()
         if self._is_spike(loss_value, norm_value):
@@ -243,7 +251,7 @@ class Trainer:
             raise UserError(f"training diverged: {self.rollbacks} loss spikes (last at step {spike_step}, "
                             f"loss {loss}); lower --learning_rate or raise --spike_factor")
         path, meta = ckpt.find_checkpoint(self.out_dir)
-        ckpt.load_weights_into(self.raw_model, ckpt.load_model_state(path), path)
+        D.load_model_state(self.raw_model, ckpt.load_model_state(path), path)
         rollbacks = self.rollbacks
         self._load_trainer_state(path, meta)
         self.rollbacks = rollbacks
@@ -270,7 +278,7 @@ class Trainer:
         for j in range(-(-t.eval_iters // world)):  # every rank runs the same number of forwards
             i = j * world + rank
             x, y = self.val_loader.get_batch(0, i % t.eval_iters)
-            with autocast(self.device, self.dtype):
+            with autocast(self.device, self.autocast_dtype):
                 logits, _ = self.model(x)
             if i < t.eval_iters:
                 total += lm_losses(logits, y, z_loss=0.0)[1]
@@ -291,15 +299,15 @@ class Trainer:
         return row
 
     def save(self, val_loss: float) -> None:
-        model_state = D.model_state_dict(self.raw_model, self.dist)
-        trainer_state = {"optimizer": D.optimizer_state_dict(self.raw_model, self.optimizer, self.dist),
+        model_state = D.model_state_dict(self.raw_model)
+        trainer_state = {"optimizer": D.optimizer_state_dict(self.raw_model, self.optimizer),
                          "scaler": self.scaler.state_dict()}
         if self.dist.is_main:
             meta = {"config": self.cfg.to_dict(), "val_loss": val_loss, "tokens": self.tokens,
                     "data_offset": self.data_offset, "rollbacks": self.rollbacks, "best_val_loss": self.best_val,
                     "tokenizer": self.data_meta["tokenizer"], "tokenizer_sha256": tokenizer_fingerprint(self.data_dir),
-                    "world_size": self.dist.world_size, "torch_version": torch.__version__,
-                    "rng": "derived from (seed, step, rank) each step; nothing to restore"}
+                    "world_size": self.dist.world_size, "job_id": D.job_id(), "torch_version": torch.__version__,
+                    "rng": "derived from (seed, step, micro-step) each micro-step; nothing to restore"}
             ckpt.save_checkpoint(self.out_dir, self.step, model_state, trainer_state, meta, self.cfg.train.keep_last)
         self.saved_step = self.step
         D.barrier(self.dist)
@@ -310,7 +318,7 @@ class Trainer:
         idx = torch.tensor([prompt], device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
         self.raw_model.eval()
-        with autocast(self.device, self.dtype):
+        with autocast(self.device, self.dtype):  # even under FSDP2: the KV cache takes the fp32 weights' dtype
             out = self.raw_model.generate(idx, max_new_tokens, temperature=0.8, top_k=200, generator=generator)
         return self.tokenizer.decode(out[0].tolist())
 

@@ -1,0 +1,147 @@
+"""Two ranks on the CPU (torchrun, gloo): DDP and FSDP2 train exactly as one process with the same global
+batch, their checkpoints resume on one process, a killed rank is brought back from the last checkpoint."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_RUN
+from safetensors.torch import load_file
+
+from nanopalm import checkpoint as ckpt
+from nanopalm import distributed as D
+from nanopalm.config import build_config
+from nanopalm.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# 12 steps of 2 micro-batches of 8 (one per rank under torchrun), checkpoints at 0, 6, 12; dropout on, so
+# the masks must not depend on the number of ranks either.
+RUN = {**TINY_RUN, "max_iters": 12, "eval_interval": 6, "gradient_accumulation_steps": 2, "dropout": 0.1}
+
+
+def torchrun(values: dict, script: tuple[str, ...] = ("train.py",), launcher: tuple[str, ...] = (),
+             **env: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2 [launcher] script --key=value ...`, one thread per rank."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *launcher,
+               *script, *(f"--{k}={v}" for k, v in values.items())]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+
+
+def losses(run_dir: Path) -> dict[int, tuple[float, float]]:
+    """step -> (train loss, grad norm); a step logged twice (replayed after a restart) keeps its last row."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["train_loss"], r["grad_norm"]) for r in rows if "train_loss" in r}
+
+
+def weights(run_dir: Path, step: int = 12) -> dict[str, torch.Tensor]:
+    return load_file(ckpt.checkpoint_dir(run_dir, step) / ckpt.MODEL_FILE)
+
+
+def max_difference(a: dict[int, tuple], b: dict[int, tuple], column: int = 0) -> float:
+    assert a.keys() == b.keys()
+    return max(abs(a[k][column] - b[k][column]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def values(char_dataset) -> dict:
+    return {**RUN, "dataset": str(char_dataset)}
+
+
+@pytest.fixture(scope="module")
+def one_process(values, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one_process")
+    train(build_config({**values, "out_dir": str(out)}))
+    return out
+
+
+def launched(values: dict, out: Path, **flags) -> tuple[Path, subprocess.CompletedProcess]:
+    result = torchrun({**values, "out_dir": out, **flags})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def ddp(values, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    return launched(values, tmp_path_factory.mktemp("ddp"))
+
+
+@pytest.fixture(scope="module")
+def fsdp(values, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    return launched(values, tmp_path_factory.mktemp("fsdp"), fsdp=True)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_train_like_one_process_with_the_same_global_batch(mode, one_process, request):
+    out, result = request.getfixturevalue(mode)
+    reference, got = losses(one_process), losses(out)
+    assert sorted(got) == list(range(1, 13))  # only rank 0 writes metrics: each step once
+    assert max_difference(reference, got) < 1e-5  # measured: 0.0 for both (bitwise equal losses)
+    assert max_difference(reference, got, column=1) < 1e-5  # grad norms: FSDP2 sums shards, ~6e-8
+    assert result.stdout.count("val loss") == 3  # only rank 0 prints: evaluations at 0, 6, 12
+    assert (out / "loss.png").is_file() and "a sample from the model" not in result.stdout  # sample_tokens=0
+    for name, tensor in weights(one_process).items():
+        torch.testing.assert_close(weights(out)[name], tensor, rtol=0, atol=1e-5)
+
+
+def test_fsdp_in_bf16_runs_the_gpu_recipe(values, one_process, tmp_path):
+    """FSDP2's bf16 policy (bf16 all-gathers and compute, fp32 reduction, no autocast), as on CUDA, and the
+    end-of-run sample, which under FSDP2 every rank takes part in."""
+    out, result = launched(values, tmp_path / "bf16", fsdp=True, dtype="bfloat16", sample_tokens=20)
+    assert max_difference(losses(one_process), losses(out)) < 0.02  # from fp32: bf16 rounding, measured 0.004
+    assert result.stdout.count("a sample from the model") == 1
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_a_checkpoint_saved_by_two_ranks_resumes_on_one(mode, values, one_process, request, tmp_path):
+    saved = ckpt.checkpoint_dir(request.getfixturevalue(mode)[0], 6)
+    # The same layout as one process writes: full weights, optimizer state numbered as torch numbers it.
+    mine = torch.load(ckpt.checkpoint_dir(one_process, 6) / ckpt.TRAINER_FILE, weights_only=True)["optimizer"]
+    theirs = torch.load(saved / ckpt.TRAINER_FILE, weights_only=True)["optimizer"]
+    assert theirs["param_groups"] == mine["param_groups"]
+    torch.testing.assert_close(theirs["state"], mine["state"], rtol=0, atol=1e-6)
+
+    out = tmp_path / "resumed"
+    shutil.copytree(saved, ckpt.checkpoint_dir(out, 6))
+    train(build_config({**values, "out_dir": str(out), "resume": True}))
+    reference = {k: v for k, v in losses(one_process).items() if k > 6}
+    assert max_difference(reference, losses(out)) < 1e-5
+    for name, tensor in weights(one_process).items():
+        torch.testing.assert_close(weights(out)[name], tensor, rtol=0, atol=1e-5)
+
+
+def test_a_killed_rank_is_brought_back_from_the_last_checkpoint(values, fsdp, tmp_path):
+    """torchrun --max_restarts=1: rank 1 dies at step 9; both ranks restart and resume from step 6."""
+    out = tmp_path / "elastic"
+    result = torchrun({**values, "out_dir": out, "fsdp": True}, ("tests/dying_train.py", "9"), ("--max_restarts=1",),
+                      TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # see docs/DISTRIBUTED.md, "Elastic restarts"
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "exitcode: 13" in result.stderr  # the rank really died
+    assert "warning: restarts" not in result.stdout
+    assert f"resumed from {ckpt.checkpoint_dir(out, 6)} at step 6" in result.stdout
+    assert losses(out) == losses(fsdp[0])
+    expected = weights(fsdp[0])
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in weights(out).items())  # bitwise
+
+
+def test_a_restart_continues_only_its_own_job(fsdp, monkeypatch):
+    job = json.loads((ckpt.checkpoint_dir(fsdp[0], 12) / ckpt.META_FILE).read_text())["job_id"]
+    assert D.restart_checkpoint(fsdp[0]) is None  # not under torchrun
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", job)
+    assert D.restart_checkpoint(fsdp[0])[0] == ckpt.checkpoint_dir(fsdp[0], 12)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "another-job")
+    assert D.restart_checkpoint(fsdp[0]) is None  # an earlier run in out_dir still needs --resume
+
+
+def test_the_ranks_must_divide_the_global_batch(values, tmp_path):
+    result = torchrun({**values, "out_dir": tmp_path / "odd", "gradient_accumulation_steps": 3})
+    assert result.returncode != 0 and "exitcode  : 2" in result.stderr
+    errors = {line for line in result.stderr.splitlines() if line.startswith("error: ")}
+    assert errors == {"error: gradient_accumulation_steps=3 must be a multiple of the number of ranks (2): the "
+                      "global batch is split evenly across ranks"}
+    assert "[rank0]: Traceback" not in result.stderr
