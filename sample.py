@@ -18,7 +18,7 @@ import torch
 
 from nanopalm.checkpoint import META_FILE, load_model
 from nanopalm.device import pick_device
-from nanopalm.errors import UserError, run_cli
+from nanopalm.errors import ArgumentParser, UserError, run_cli
 from nanopalm.model import KVCache, PaLM
 from nanopalm.sampling import check_sampling_args
 from nanopalm.streaming import TextStream
@@ -28,7 +28,7 @@ SEPARATOR = "\n---------------\n"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out", help="run directory (or one checkpoint directory in it)")
     p.add_argument("--start", default="\n", help='the prompt: text, or "FILE:path" to read it from a file')
     p.add_argument("--num_samples", type=int, default=1, help="samples to draw, one after the other")

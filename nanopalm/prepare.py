@@ -17,6 +17,7 @@ corpus does not need it.
 from __future__ import annotations
 
 import argparse
+import codecs
 import glob
 import os
 import time
@@ -33,7 +34,7 @@ from nanopalm.data import (
     token_dtype,
     write_meta,
 )
-from nanopalm.errors import UserError
+from nanopalm.errors import ArgumentParser, UserError
 from nanopalm.tokenizer import TOKENIZER_NAMES, CharTokenizer, Tokenizer, get_tokenizer, load_tokenizer
 
 BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
@@ -63,6 +64,28 @@ def local_files(patterns: list[str]) -> tuple[str, list[str]]:
     return kinds.pop(), files
 
 
+def check_utf8(files: list[str]) -> None:
+    """Name the first file that is not UTF-8 text, and where (datasets fails later without saying which)."""
+    for path in files:
+        if path.endswith(COMPRESSION):
+            continue  # datasets decompresses these while reading; its own error has to do
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                pending = len(decoder.getstate()[0])  # the start of a character cut by the previous chunk
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path} is not UTF-8 text (byte {offset + e.start - pending}: {e.reason}): "
+                                    f"convert it first, e.g. iconv -f latin1 -t utf-8 {path} > {path}.utf8") from None
+                offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text (it ends inside a character: {e.reason}): convert it "
+                            "to UTF-8 first") from None
+
+
 def load_documents(dataset: str | None, data_files: list[str] | None, text_column: str, sample_by: str,
                    cache_dir: str | None):
     """All documents as one `datasets.Dataset` with a `text_column`."""
@@ -71,6 +94,8 @@ def load_documents(dataset: str | None, data_files: list[str] | None, text_colum
     try:
         if data_files:
             builder, files = local_files(data_files)
+            if builder in ("text", "json"):
+                check_utf8(files)
             extra = {"sample_by": sample_by} if builder == "text" else {}
             ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir, **extra)
         elif dataset:
@@ -82,6 +107,10 @@ def load_documents(dataset: str | None, data_files: list[str] | None, text_colum
                         "files with --data_files") from None
     except datasets.exceptions.DatasetNotFoundError as e:
         raise UserError(f"{e}: check --dataset") from None
+    except datasets.exceptions.DatasetGenerationError as e:  # a file datasets cannot parse; it says why in __cause__
+        reason = e.__cause__ or e
+        raise UserError(f"cannot read the documents ({type(reason).__name__}: {str(reason).splitlines()[0]}): "
+                        "check that --data_files are valid files of their kind") from None
     if text_column not in ds.column_names:
         raise UserError(f"the documents have no column {text_column!r} (they have {', '.join(ds.column_names)}): "
                         "set --text_column")
@@ -195,7 +224,7 @@ def tokenizer_dir(name_or_path: str) -> Path:
 def build_parser(description: str, dataset: str | None, tokenizer: str, val_fraction: float,
                  out_dir: Path) -> argparse.ArgumentParser:
     """The command line shared by the prepare scripts; each passes its own defaults."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default=dataset, help="a Hugging Face hub dataset (ignored with --data_files)")
     p.add_argument("--data_files", nargs="+", default=None,
                    help="local .txt/.md, .json/.jsonl or .parquet files or globs, used instead of --dataset")

@@ -197,8 +197,7 @@ def test_an_interrupted_prepare_leaves_no_complete_looking_dataset(corpus, tmp_p
         return real_write(tokenized, path, tokenizer)
 
     monkeypatch.setattr(prepare_module, "write_split", crash_on_val)
-    with pytest.raises(KeyboardInterrupt):
-        run_prepare("openwebtext", out, "--data_files", str(src / "docs.jsonl"))
+    assert run_prepare("openwebtext", out, "--data_files", str(src / "docs.jsonl")) == 130  # as Ctrl-C exits
     assert not (out / "meta.json").exists() and not list(out.glob("*.tmp"))
     with pytest.raises(Exception, match="is not prepared"):
         resolve_dataset(str(out))

@@ -13,12 +13,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 from nanopalm.data import prepare_shakespeare  # noqa: E402
-from nanopalm.errors import UserError, run_cli  # noqa: E402
+from nanopalm.errors import ArgumentParser, UserError, run_cli  # noqa: E402
 from nanopalm.tokenizer import TOKENIZER_NAMES  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", choices=TOKENIZER_NAMES, default="palm")
     parser.add_argument("--vocab_size", type=int, default=None, help="palm only (default 8192)")
     parser.add_argument("--out_dir", type=Path, default=Path(__file__).resolve().parent)
