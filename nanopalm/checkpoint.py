@@ -6,7 +6,8 @@ A run directory holds `checkpoints/step_XXXXXXXX/`, each with
   meta.json           step, data position, val loss, the run config (as data) and a SHA-256 per file
 A checkpoint is written into a temporary directory, fsync'ed and renamed into place, so a crash or a
 full disk never leaves a half-written checkpoint under a final name, and the previous ones stay intact.
-The newest `keep_last` checkpoints are kept, plus the one with the best val loss.
+Nothing non-finite is ever saved. The newest `keep_last` checkpoints are kept, plus the one with the best
+val loss. docs/RELIABILITY.md lists these promises and the tests that hold them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -27,6 +30,7 @@ from nanopalm.model import PaLM, PaLMConfig
 FORMAT_VERSION = 1
 MODEL_FILE, TRAINER_FILE, META_FILE = "model.safetensors", "trainer.pt", "meta.json"
 _PREFIX = "step_"
+_TMP, _OLD = ".tmp", ".old"  # a checkpoint being written; one being replaced (both removed by pruning)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -57,31 +61,65 @@ def save_checkpoint(
     meta: dict,
     keep_last: int,
 ) -> Path:
-    """Write checkpoint `step` atomically, then prune old ones. meta must hold `config` and `val_loss`."""
+    """Write checkpoint `step` atomically, then prune old ones. meta must hold `config` and `val_loss`.
+
+    A failed write (disk full, ...) is a UserError and leaves the previous checkpoints as they were."""
     final = checkpoint_dir(run_dir, step)
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp, old = final.with_name(final.name + _TMP), final.with_name(final.name + _OLD)
+    _check_finite(step, {"model": model_state, "trainer": trainer_state})
     try:
-        for name, tensor in model_state.items():
-            if not torch.isfinite(tensor).all():
-                raise RuntimeError(f"refusing to save a checkpoint with non-finite values in {name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / MODEL_FILE)
-        torch.save(trainer_state, tmp / TRAINER_FILE)
+        with open(tmp / TRAINER_FILE, "wb") as f:  # a Python file: a full disk surfaces as OSError(ENOSPC)
+            torch.save(trainer_state, f)
         files = {name: _sha256(tmp / name) for name in (MODEL_FILE, TRAINER_FILE)}
         meta = {**meta, "step": step, "format_version": FORMAT_VERSION, "sha256": files}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         for name in (MODEL_FILE, TRAINER_FILE, META_FILE):
             _fsync(tmp / name)
-        if final.exists():  # re-saving a step (e.g. after a rollback): replace it
-            shutil.rmtree(final)
+        if final.exists():  # re-saving a step (after a rollback): move the old one aside, never half-delete it
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
         _fsync(final.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, RuntimeError, SafetensorError)):
+            raise UserError(f"cannot write checkpoint {final} ({_write_failure(e)}): the previous checkpoints "
+                            "are intact; free space on that disk (or fix its permissions), then continue with "
+                            "--resume") from None
         raise
+    shutil.rmtree(old, ignore_errors=True)
     prune_checkpoints(run_dir, keep_last)
     return final
+
+
+def _check_finite(step: int, states: dict) -> None:
+    """A NaN or inf in any saved tensor would poison every run resumed from it: refuse, naming the tensor."""
+    def walk(value, name: str) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise UserError(f"refusing to save checkpoint step {step}: {name} holds NaN or inf; the run "
+                                "diverged: lower --learning_rate and continue with --resume from the last checkpoint")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{name}.{key}")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{name}.{i}")
+    for name, state in states.items():
+        walk(state, name)
+
+
+def _write_failure(error: BaseException) -> str:
+    """The OS's reason for a failed write ("No space left on device"): torch wraps it in its own errors."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None and cause.strerror:
+        return cause.strerror
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def _steps(run_dir: Path) -> list[Path]:
@@ -92,17 +130,28 @@ def _steps(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
 
 
+def has_checkpoints(run_dir: Path) -> bool:
+    """Whether the run has any checkpoint directory, good or not (a run killed early may have none)."""
+    return bool(_steps(run_dir))
+
+
 def read_meta(ckpt: Path) -> dict:
     try:
-        return json.loads((Path(ckpt) / META_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        meta = json.loads((Path(ckpt) / META_FILE).read_text())
+    except (OSError, ValueError) as e:
         raise UserError(f"checkpoint {ckpt} has no readable {META_FILE} ({e}); it is incomplete or corrupt") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"checkpoint {ckpt}: {META_FILE} is not a JSON object; it is corrupt")
+    return meta
 
 
 def verify_checkpoint(ckpt: Path) -> dict:
     """Return the checkpoint's meta after checking every file against its SHA-256; UserError if not."""
     meta = read_meta(ckpt)
-    for name, expected in meta.get("sha256", {}).items():
+    checksums = meta.get("sha256")
+    if not isinstance(checksums, dict) or not {MODEL_FILE, TRAINER_FILE} <= set(checksums):
+        raise UserError(f"checkpoint {ckpt} has no checksums in {META_FILE}; it is corrupt or not from nanoPALM")
+    for name, expected in checksums.items():
         path = Path(ckpt) / name
         if not path.is_file():
             raise UserError(f"checkpoint {ckpt} is missing {name}; it is incomplete")
@@ -112,7 +161,11 @@ def verify_checkpoint(ckpt: Path) -> dict:
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
-    """Keep the newest keep_last checkpoints and the one with the lowest val loss."""
+    """Keep the newest keep_last checkpoints and the one with the lowest val loss; remove what a killed
+    writer left behind (one process writes checkpoints, so a *.tmp or *.old here is stale)."""
+    for leftover in (Path(run_dir) / "checkpoints").glob(f"{_PREFIX}*"):
+        if leftover.name.endswith((_TMP, _OLD)):
+            shutil.rmtree(leftover, ignore_errors=True)
     ckpts = _steps(run_dir)
     keep = set(ckpts[-keep_last:])
     scored = [(read_meta(p).get("val_loss"), p) for p in ckpts if (p / META_FILE).is_file()]
@@ -134,16 +187,20 @@ def find_checkpoint(path: str | Path, prefer_best: bool = False) -> tuple[Path, 
     if not candidates:
         raise UserError(f"no checkpoint in {path}: train first (python train.py --out_dir={path})")
     good: list[tuple[Path, dict]] = []
+    bad: list[str] = []
     for ckpt in reversed(candidates):
         try:
             good.append((ckpt, verify_checkpoint(ckpt)))
         except UserError as e:
-            print(f"warning: skipping {e}", flush=True)
+            bad.append(str(e))
             continue
         if not prefer_best:
             break
     if not good:
-        raise UserError(f"every checkpoint in {path} is corrupt or incomplete; start again without --resume")
+        raise UserError(f"no usable checkpoint in {path}: {len(bad)} corrupt or incomplete, the newest: {bad[0]}; "
+                        "restore a good copy, or start again in a new --out_dir")
+    for problem in bad:  # one line each on stderr, the run itself goes on from an older checkpoint
+        print(f"warning: skipping {problem}", file=sys.stderr, flush=True)
     if prefer_best:
         scored = [g for g in good if g[1].get("val_loss") is not None]
         if scored:
@@ -162,14 +219,23 @@ def load_trainer_state(ckpt: Path) -> dict:
     """Optimizer and scaler state. weights_only=True: a malicious pickle cannot run code here."""
     try:
         return torch.load(Path(ckpt) / TRAINER_FILE, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for a bad file
+    except pickle.UnpicklingError:  # what weights_only raises for anything but tensors and plain data
+        raise UserError(f"refusing to load {ckpt / TRAINER_FILE}: it holds objects other than tensors and plain "
+                        "data, which could run code; use a checkpoint written by nanoPALM") from None
+    except Exception as e:  # RuntimeError, EOFError, ... for a damaged file
         raise UserError(f"cannot read trainer state in {ckpt}: {str(e).splitlines()[0]}") from None
 
 
 def model_config_from_meta(meta: dict) -> PaLMConfig:
+    """The architecture a checkpoint was trained with. Its config is JSON checked key by key, never code."""
     from nanopalm.config import config_from_dict  # config imports model; avoid the import cycle
 
-    return config_from_dict(meta["config"]).model
+    if not isinstance(meta.get("config"), dict):
+        raise UserError("the checkpoint's meta.json has no config object; it is corrupt or not from nanoPALM")
+    try:
+        return config_from_dict(meta["config"]).model
+    except UserError as e:
+        raise UserError(f"the checkpoint's config is invalid ({e}); it is corrupt or from another version") from None
 
 
 def load_weights_into(model: PaLM, state: dict[str, torch.Tensor], source: Path) -> None:

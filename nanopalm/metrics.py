@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -32,6 +33,12 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float
     return flops_per_token * tokens_per_s / peak_flops
 
 
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
+
+
 class MetricsLogger:
     """One JSON object per line in out_dir/metrics.jsonl, plus optional TensorBoard and wandb."""
 
@@ -40,7 +47,11 @@ class MetricsLogger:
         self.tb = self.wandb = None
         if not enabled:
             return
-        self.file = open(Path(out_dir) / "metrics.jsonl", "a")
+        path = Path(out_dir) / "metrics.jsonl"
+        cut_short = path.is_file() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
+        self.file = open(path, "a")
+        if cut_short:  # a run killed mid-write: the next row must not be glued onto the broken line
+            self.file.write("\n")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

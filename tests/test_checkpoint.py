@@ -1,0 +1,205 @@
+"""Checkpoints: corruption is caught by checksum and skipped, a failed write keeps the previous ones,
+nothing non-finite is saved, and loading one never runs code."""
+
+import ast
+import errno
+import json
+import os
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanopalm import checkpoint as ckpt
+from nanopalm.errors import UserError, run_cli
+from nanopalm.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def run_with_checkpoints(tiny_run, tmp_path):
+    """A run directory with checkpoints at steps 0, 10 and 20 (no training: the weights do not matter)."""
+    trainer = Trainer(tiny_run(keep_last=5))
+    for step in (0, 10, 20):
+        trainer.step = step
+        trainer.save(val_loss=5.0 - step / 10)
+    return trainer, tmp_path / "run"
+
+
+def newest(run_dir: Path) -> Path:
+    return ckpt.checkpoint_dir(run_dir, 20)
+
+
+def damage_truncate(path: Path) -> str:
+    (path / ckpt.MODEL_FILE).write_bytes((path / ckpt.MODEL_FILE).read_bytes()[:100])
+    return "model.safetensors does not match its checksum; the file is corrupt"
+
+
+def damage_flip_a_byte(path: Path) -> str:
+    data = bytearray((path / ckpt.TRAINER_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one bit pattern changed: only the checksum can tell
+    (path / ckpt.TRAINER_FILE).write_bytes(bytes(data))
+    return "trainer.pt does not match its checksum; the file is corrupt"
+
+
+def damage_cut_meta(path: Path) -> str:
+    (path / ckpt.META_FILE).write_text((path / ckpt.META_FILE).read_text()[:50])
+    return "has no readable meta.json"
+
+
+def damage_drop_checksums(path: Path) -> str:
+    meta = json.loads((path / ckpt.META_FILE).read_text())
+    del meta["sha256"]
+    (path / ckpt.META_FILE).write_text(json.dumps(meta))
+    return "has no checksums in meta.json"
+
+
+def damage_delete_weights(path: Path) -> str:
+    (path / ckpt.MODEL_FILE).unlink()
+    return "is missing model.safetensors; it is incomplete"
+
+
+@pytest.mark.parametrize("damage", [damage_truncate, damage_flip_a_byte, damage_cut_meta, damage_drop_checksums,
+                                    damage_delete_weights])
+def test_a_corrupt_checkpoint_is_named_in_one_line_and_resume_falls_back(run_with_checkpoints, tiny_run, capsys,
+                                                                          damage):
+    _, run_dir = run_with_checkpoints
+    message = damage(newest(run_dir))
+    capsys.readouterr()
+    resumed = Trainer(tiny_run(keep_last=5, resume=True))
+    assert resumed.step == 10
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: skipping checkpoint {newest(run_dir)}") and message in err[0]
+
+
+def test_when_every_checkpoint_is_corrupt_resume_stops_with_one_line(run_with_checkpoints, tiny_run, capsys):
+    _, run_dir = run_with_checkpoints
+    for step in (0, 10, 20):
+        damage_truncate(ckpt.checkpoint_dir(run_dir, step))
+    capsys.readouterr()
+    assert run_cli(lambda argv: Trainer(tiny_run(resume=True)), []) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: no usable checkpoint in {run_dir}: 3 corrupt")
+
+
+def fill_the_disk_at_trainer_pt(monkeypatch):
+    """The kernel's own ENOSPC: trainer.pt is written to /dev/full, a device that is always full."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full (Linux)")
+    save_file = ckpt.save_file
+
+    def save_then_fill(tensors, path):
+        save_file(tensors, path)
+        os.symlink("/dev/full", Path(path).with_name(ckpt.TRAINER_FILE))
+
+    monkeypatch.setattr(ckpt, "save_file", save_then_fill)
+
+
+def fail_the_weights_write(monkeypatch):
+    def no_space(tensors, path):
+        Path(path).write_bytes(b"\0" * 64)  # part of the file made it to disk
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(ckpt, "save_file", no_space)
+
+
+@pytest.mark.parametrize("failure", [fill_the_disk_at_trainer_pt, fail_the_weights_write])
+def test_a_full_disk_leaves_the_previous_checkpoint_intact(run_with_checkpoints, monkeypatch, capsys, failure):
+    trainer, run_dir = run_with_checkpoints
+    before = {p: p.read_bytes() for p in newest(run_dir).iterdir()}
+    failure(monkeypatch)
+    trainer.step = 30
+    capsys.readouterr()
+    assert run_cli(lambda argv: trainer.save(val_loss=1.0), []) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"error: cannot write checkpoint {ckpt.checkpoint_dir(run_dir, 30)} (No space left on "
+                          "device): the previous checkpoints are intact; free space")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "step_00000000", "step_00000010", "step_00000020"]  # no step 30, no *.tmp left behind
+    assert {p: p.read_bytes() for p in newest(run_dir).iterdir()} == before
+    assert ckpt.find_checkpoint(run_dir)[0] == newest(run_dir)
+
+
+@pytest.mark.parametrize("where", ["model", "optimizer"])
+def test_non_finite_values_never_reach_a_checkpoint(run_with_checkpoints, where):
+    trainer, run_dir = run_with_checkpoints
+    if where == "model":
+        with torch.no_grad():
+            next(trainer.raw_model.parameters()).view(-1)[3] = float("nan")
+        match = r"refusing to save checkpoint step 30: model\.\S+ holds NaN or inf"
+    else:
+        trainer.train_step()  # the optimizer now has moment tensors
+        state = next(iter(trainer.optimizer.state.values()))
+        next(v for v in state.values() if v.dim() > 0).view(-1)[0] = float("inf")
+        match = r"refusing to save checkpoint step 30: trainer\.optimizer\.state\.\S+ holds NaN or inf"
+    trainer.step = 30
+    with pytest.raises(UserError, match=match):
+        trainer.save(val_loss=1.0)
+    assert not ckpt.checkpoint_dir(run_dir, 30).exists()
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+
+def test_resaving_a_step_replaces_it_whole_and_leftovers_are_pruned(run_with_checkpoints):
+    trainer, run_dir = run_with_checkpoints
+    root = run_dir / "checkpoints"
+    (root / "step_00000040.tmp").mkdir()  # what kills during a save leave behind
+    (root / "step_00000020.old").mkdir()
+    trainer.save(val_loss=0.5)  # step 20 again, as after a rollback
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000000", "step_00000010", "step_00000020"]
+    assert ckpt.verify_checkpoint(newest(run_dir))["val_loss"] == 0.5
+
+
+class RunsAShellCommand:
+    """Unpickling this runs `command`: what a malicious checkpoint downloaded from anywhere could hold."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_checkpoint_carrying_a_malicious_pickle_cannot_run_code(run_with_checkpoints, tiny_run, tmp_path, capsys):
+    _, run_dir = run_with_checkpoints
+    marker = tmp_path / "pwned"
+    path = newest(run_dir)
+    torch.save({"optimizer": RunsAShellCommand(f"touch {shlex.quote(str(marker))}"), "scaler": {}},
+               path / ckpt.TRAINER_FILE)
+    meta = json.loads((path / ckpt.META_FILE).read_text())
+    meta["sha256"][ckpt.TRAINER_FILE] = ckpt._sha256(path / ckpt.TRAINER_FILE)  # the checksum is no defence
+    (path / ckpt.META_FILE).write_text(json.dumps(meta))
+
+    capsys.readouterr()
+    assert run_cli(lambda argv: Trainer(tiny_run(resume=True)), []) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: refusing to load {path / ckpt.TRAINER_FILE}: it holds objects other than tensors and "
+                   "plain data, which could run code; use a checkpoint written by nanoPALM\n")
+    assert not marker.exists()
+    # The payload is live: the unsafe default of older PyTorch would have run it.
+    torch.load(path / ckpt.TRAINER_FILE, weights_only=False)
+    assert marker.exists()
+
+
+def test_every_torch_load_in_the_code_is_weights_only():
+    sources = [p for pattern in ("*.py", "nanopalm/*.py", "data/*/*.py", "scripts/*.py") for p in REPO.glob(pattern)]
+    calls = []
+    for source in sources:
+        for node in ast.walk(ast.parse(source.read_text(), str(source))):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                calls.append((source.name, {k.arg: ast.unparse(k.value) for k in node.keywords}))
+    assert calls, "expected checkpoint.py to call torch.load"
+    assert all(kw.get("weights_only") == "True" for _, kw in calls), calls
+
+
+def test_a_config_read_from_a_checkpoint_is_data(run_with_checkpoints):
+    _, run_dir = run_with_checkpoints
+    path = newest(run_dir)
+    meta = json.loads((path / ckpt.META_FILE).read_text())
+    meta["config"]["n_layer"] = "__import__('os').system('echo pwned')"
+    meta["config"]["__class__"] = "os.system"  # unknown keys are ignored, never looked up
+    (path / ckpt.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"^the checkpoint's config is invalid \(n_layer expects int, got "):
+        ckpt.load_model(path)
