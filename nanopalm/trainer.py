@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import signal
 import statistics
 import time
 from collections import deque
@@ -25,11 +26,12 @@ from nanopalm.atomic import write_atomic
 from nanopalm.config import RunConfig
 from nanopalm.data import BatchLoader, load_meta, prepare_shakespeare, resolve_dataset
 from nanopalm.device import autocast, pick_device, pick_dtype
-from nanopalm.errors import UserError
+from nanopalm.errors import Interrupted, UserError
 from nanopalm.metrics import MetricsLogger, gpu_peak_flops, mfu
 from nanopalm.model import PaLM, lm_losses
 from nanopalm.optim import build_optimizer, lr_at, micro_steps_at, set_lr
 from nanopalm.plot import plot_runs
+from nanopalm.signals import GracefulStop
 from nanopalm.tokenizer import load_tokenizer
 
 MAX_ROLLBACKS = 10  # more spikes than this and the run is diverging, not spiking
@@ -66,6 +68,7 @@ class Trainer:
         self.data_meta = load_meta(self.data_dir)
         self.step, self.tokens, self.data_offset, self.rollbacks = 0, 0, 0, 0
         self.best_val = math.inf
+        self.stop = GracefulStop()  # installed by train(): SIGTERM / Ctrl-C end the run with a checkpoint
 
         source = self._checkpoint_to_start_from()
         if source is not None:  # resume and finetuning keep the checkpoint's architecture
@@ -85,7 +88,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         if source is not None and t.resume:
             self._load_trainer_state(*source)
-        self.saved_step = self.step if t.resume else -1
+        self.saved_step = self.step if source is not None and t.resume else -1
 
         block = cfg.model.block_size
         vocab = cfg.model.vocab_size
@@ -117,6 +120,9 @@ class Trainer:
     def _checkpoint_to_start_from(self) -> tuple[Path, dict] | None:
         t = self.cfg.train
         if t.resume:
+            if not ckpt.has_checkpoints(self.out_dir):  # a job killed before its first checkpoint, started again
+                print(f"--resume: no checkpoint in {self.out_dir} yet, starting the run from step 0", flush=True)
+                return None
             return ckpt.find_checkpoint(self.out_dir)
         restart = D.restart_checkpoint(self.out_dir)
         if restart is not None:  # torchrun restarted this job after a failure (--max_restarts): continue it
@@ -130,11 +136,11 @@ class Trainer:
         return None
 
     def _check_tokenizer(self, meta: dict) -> None:
-        expected = meta.get("tokenizer_sha256")
-        if expected and expected != tokenizer_fingerprint(self.data_dir):
-            raise UserError(f"the checkpoint was trained with another tokenizer ({meta.get('tokenizer')}) than "
-                            f"dataset {self.cfg.train.dataset!r} uses ({self.data_meta['tokenizer']}): prepare "
-                            "the data with the checkpoint's tokenizer")
+        expected, found = meta.get("tokenizer_sha256"), tokenizer_fingerprint(self.data_dir)
+        if expected and expected != found:
+            raise UserError(f"the checkpoint's tokenizer ({meta.get('tokenizer')} {expected[:8]}) is not the one "
+                            f"dataset {self.cfg.train.dataset!r} was prepared with ({self.data_meta['tokenizer']} "
+                            f"{found[:8]}): prepare the data with --tokenizer_from=<the checkpoint's run directory>")
 
     def _load_trainer_state(self, path: Path, meta: dict) -> None:
         state = ckpt.load_trainer_state(path)
@@ -157,7 +163,8 @@ class Trainer:
                 last_eval = self.evaluate_and_save()
             if self._time_is_up(started):
                 if self.dist.is_main:
-                    print(f"max_minutes={t.max_minutes} reached at step {self.step}", flush=True)
+                    why = f"{self.stop.name} received" if self.stop.signum else f"max_minutes={t.max_minutes} reached"
+                    print(f"{why} at step {self.step}: saving a checkpoint", flush=True)
                 break
             self.train_step()
             if profiler is not None:
@@ -166,7 +173,8 @@ class Trainer:
             profiler.stop()
         if self.step != self.saved_step:
             last_eval = self.evaluate_and_save()
-        if t.sample_tokens and (self.dist.is_main or D.is_sharded(self.model)):  # FSDP: all ranks all-gather
+        sampling = t.sample_tokens and not self.stop.signum  # a stop request wants out, not a sample
+        if sampling and (self.dist.is_main or D.is_sharded(self.model)):  # FSDP: all ranks all-gather
             text = self.sample(t.sample_tokens)
             if self.dist.is_main:
                 print(f"--- a sample from the model at step {self.step} ---\n{text}\n---")
@@ -174,9 +182,14 @@ class Trainer:
         return last_eval
 
     def _time_is_up(self, started: float) -> bool:
+        """max_minutes passed, or a rank got SIGTERM / Ctrl-C: one all-reduce, so every rank stops together."""
         minutes = self.cfg.train.max_minutes
         up = float(minutes > 0 and time.perf_counter() - started > 60 * minutes)
-        return D.all_reduce_mean(torch.tensor([up], device=self.device), self.dist).item() > 0
+        flags = torch.tensor([up, float(self.stop.signum is not None)], device=self.device)
+        up, signalled = D.all_reduce_mean(flags, self.dist).tolist()
+        if signalled and not self.stop.signum:
+            self.stop.signum = signal.SIGTERM  # another rank was signalled: stop the same way
+        return up > 0 or signalled > 0
 
     def train_step(self) -> None:
         t, o = self.cfg.train, self.cfg.optim
@@ -341,8 +354,15 @@ class Trainer:
 
 
 def train(cfg: RunConfig) -> dict:
-    """Run training to the end; returns the last evaluation ({step, tokens, val_loss, val_bpb})."""
+    """Run training to the end; returns the last evaluation ({step, tokens, val_loss, val_bpb}).
+    SIGTERM or Ctrl-C: the step in progress finishes, a checkpoint is saved, then Interrupted is raised."""
     try:
-        return Trainer(cfg).train()
+        trainer = Trainer(cfg)
+        with trainer.stop:
+            result = trainer.train()
+        if trainer.stop.signum:
+            raise Interrupted(f"stopped by {trainer.stop.name} at step {trainer.step}, checkpoint saved: continue "
+                              f"with --resume --out_dir={trainer.out_dir}", trainer.stop.exit_code)
+        return result
     finally:
         D.shutdown_distributed()

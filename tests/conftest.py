@@ -1,11 +1,18 @@
 """Shared fixtures: a small character-level Shakespeare dataset and tiny training configs."""
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from nanopalm.config import build_config
 from nanopalm.shakespeare import prepare
+
+# One thread, here and in the processes tests start: tiny models gain nothing from a second one, and two
+# OpenMP threads spinning on two busy cores turn a 5 ms training step into a second.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

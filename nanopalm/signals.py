@@ -1,0 +1,47 @@
+"""Stop on request without losing work: SIGTERM (a scheduler preempting the job) and Ctrl-C (SIGINT).
+
+Inside `with GracefulStop() as stop:` the two signals only set `stop.signum`; the training loop looks at
+it after every step, saves a checkpoint and ends, and the process exits with 128 + the signal's number
+(143 for SIGTERM, 130 for Ctrl-C) so that scripts see the run did not finish. A second signal acts at
+once: the previous handlers are back as soon as the first one arrives.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class GracefulStop:
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():  # Python lets only it install handlers
+            for signum in SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _handle(self, signum: int, frame) -> None:
+        # Nothing but a flag here: the handler interrupts arbitrary code, even a print to the console.
+        self.signum = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or 0)

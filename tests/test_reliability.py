@@ -1,0 +1,134 @@
+"""Crash safety: a run killed at random moments, or stopped by SIGTERM or Ctrl-C, resumes to the very
+weights of a run never interrupted, and every checkpoint under a final name is whole."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_RUN
+from safetensors.torch import load_file
+
+from nanopalm import checkpoint as ckpt
+from nanopalm.config import build_config
+from nanopalm.metrics import MetricsLogger
+from nanopalm.signals import GracefulStop
+from nanopalm.trainer import Trainer, train
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = {**TINY_RUN, "max_iters": 30, "eval_interval": 5, "eval_iters": 2, "dropout": 0.1, "log_interval": 1}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the one thread of this process (conftest): the same float sums
+
+
+@pytest.fixture(scope="module")
+def reference(char_dataset, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The final weights of the run never interrupted (its checkpoint interval does not change them)."""
+    out = tmp_path_factory.mktemp("reference")
+    assert torch.get_num_threads() == 1
+    train(build_config({**RUN, "dataset": str(char_dataset), "out_dir": str(out), "eval_interval": 30}))
+    return final_weights(out)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    path, meta = ckpt.find_checkpoint(run_dir)
+    assert meta["step"] == RUN["max_iters"]
+    return load_file(path / ckpt.MODEL_FILE)
+
+
+def command(dataset: Path, out: Path, **overrides) -> list[str]:
+    """`python train.py` of RUN, always with --resume: with no checkpoint yet, that starts the run."""
+    values = {**RUN, "dataset": dataset, "out_dir": out, "resume": True, **overrides}
+    return [sys.executable, "train.py", *(f"--{k}={v}" for k, v in values.items())]
+
+
+def launch(dataset: Path, out: Path, **overrides) -> subprocess.Popen:
+    return subprocess.Popen(command(dataset, out, **overrides), cwd=REPO, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def run_to_the_end(dataset: Path, out: Path) -> None:
+    result = subprocess.run(command(dataset, out), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    names = [p.name for p in (run_dir / "checkpoints").glob("step_*")] if (run_dir / "checkpoints").is_dir() else []
+    return sorted(int(n[5:]) for n in names if n[5:].isdigit())
+
+
+def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(char_dataset, tmp_path, reference):
+    rng = random.Random(8)
+    out = tmp_path / "run"
+    killed_after = []
+    while len(killed_after) < 3:
+        proc = launch(char_dataset, out)
+        start = max(checkpoint_steps(out), default=-1)
+        while proc.poll() is None and max(checkpoint_steps(out), default=-1) <= start:
+            time.sleep(0.01)  # let it get somewhere, then kill it at a random moment
+        time.sleep(rng.uniform(0.0, 0.3))
+        assert proc.poll() is None, f"the run finished before kill {len(killed_after) + 1}: make it longer"
+        proc.kill()
+        proc.communicate()
+        killed_after.append(max(checkpoint_steps(out)))
+        for step in checkpoint_steps(out):  # whatever the moment, no checkpoint is half-written
+            ckpt.verify_checkpoint(ckpt.checkpoint_dir(out, step))
+    assert killed_after == sorted(killed_after) and killed_after[-1] < RUN["max_iters"], killed_after
+    run_to_the_end(char_dataset, out)
+    weights = final_weights(out)
+    assert all(torch.equal(weights[k], reference[k]) for k in reference), killed_after
+
+
+def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit_cleanly(char_dataset, tmp_path, reference):
+    out = tmp_path / "run"
+    stopped_at = 0
+    for signum, exit_code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        proc = launch(char_dataset, out, eval_interval=1000)  # checkpoints only at the start, on a stop, at the end
+        for line in proc.stdout:
+            if line.startswith("step") and "| loss" in line and int(line.split()[1]) >= stopped_at + 3:
+                break
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == exit_code, stderr
+        step = checkpoint_steps(out)[-1]
+        assert step >= stopped_at + 3
+        name = signal.Signals(signum).name
+        assert f"{name} received at step {step}: saving a checkpoint" in stdout
+        assert stderr.splitlines()[-1] == f"stopped by {name} at step {step}, checkpoint saved: continue with " \
+                                          f"--resume --out_dir={out}"
+        assert "Traceback" not in stderr and "--- a sample" not in stdout
+        stopped_at = step
+    run_to_the_end(char_dataset, out)
+    weights = final_weights(out)
+    assert all(torch.equal(weights[k], reference[k]) for k in reference)
+
+
+def test_the_first_ctrl_c_asks_to_stop_and_a_second_stops_at_once():
+    handler = signal.getsignal(signal.SIGINT)
+    with GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT and stop.exit_code == 130
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_resume_with_no_checkpoint_yet_starts_the_run(tiny_run, tmp_path, capsys):
+    (tmp_path / "run" / "checkpoints" / "step_00000000.tmp").mkdir(parents=True)  # killed in its first save
+    trainer = Trainer(tiny_run(resume=True))
+    assert trainer.step == 0 and trainer.saved_step == -1  # so step 0 is evaluated and saved as usual
+    assert f"--resume: no checkpoint in {tmp_path / 'run'} yet, starting the run from step 0" in capsys.readouterr().out
+
+
+def test_a_metrics_line_cut_short_by_a_kill_does_not_swallow_the_next(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 4.1}\n{"step": 2, "tra')
+    logger = MetricsLogger(tmp_path, True, False, "", {})
+    logger.log({"step": 2, "train_loss": 4.0})
+    logger.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1]) == {"step": 2, "train_loss": 4.0} and len(lines) == 3
