@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from nanopalm.atomic import write_atomic
 from nanopalm.errors import UserError
 
 # Dense peak FLOP/s per GPU for bf16/fp16 matmuls (vendor datasheets, without sparsity), used for MFU.
@@ -33,25 +33,39 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float
     return flops_per_token * tokens_per_s / peak_flops
 
 
-def _last_byte(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1)
+def _rows_up_to(path: Path, step: int) -> list[str]:
+    """The complete rows of an existing metrics file up to `step`. A resumed run replays the steps
+    after its checkpoint; dropping their old rows keeps every step once. A line cut short by a kill
+    is dropped too."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(line + "\n")
+    return kept
 
 
 class MetricsLogger:
-    """One JSON object per line in out_dir/metrics.jsonl, plus optional TensorBoard and wandb."""
+    """One JSON object per line in out_dir/metrics.jsonl, plus optional TensorBoard and wandb.
 
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, wandb_project: str, config: dict):
+    start_step: the step the run starts from (0 for a new run, the checkpoint's for a resumed one);
+    rows of an earlier attempt past it are dropped, a new run (start_step -1) starts an empty file.
+    """
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, wandb_project: str, config: dict,
+                 start_step: int = -1):
         self.enabled = enabled
         self.tb = self.wandb = None
         if not enabled:
             return
         path = Path(out_dir) / "metrics.jsonl"
-        cut_short = path.is_file() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
+        write_atomic(path, "".join(_rows_up_to(path, start_step)).encode())
         self.file = open(path, "a")
-        if cut_short:  # a run killed mid-write: the next row must not be glued onto the broken line
-            self.file.write("\n")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

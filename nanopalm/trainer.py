@@ -102,7 +102,8 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2).encode())
             self.tokenizer.save(self.out_dir)  # the run directory is self-contained for sampling
-        self.logger = MetricsLogger(self.out_dir, self.dist.is_main, t.tensorboard, t.wandb_project, cfg.to_dict())
+        self.logger = MetricsLogger(self.out_dir, self.dist.is_main, t.tensorboard, t.wandb_project, cfg.to_dict(),
+                                    start_step=self.saved_step)
 
     # ---- setup -------------------------------------------------------------------------------
     def _dataset(self) -> Path:

@@ -125,10 +125,15 @@ def test_resume_with_no_checkpoint_yet_starts_the_run(tiny_run, tmp_path, capsys
     assert f"--resume: no checkpoint in {tmp_path / 'run'} yet, starting the run from step 0" in capsys.readouterr().out
 
 
-def test_a_metrics_line_cut_short_by_a_kill_does_not_swallow_the_next(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 4.1}\n{"step": 2, "tra')
-    logger = MetricsLogger(tmp_path, True, False, "", {})
-    logger.log({"step": 2, "train_loss": 4.0})
+def test_a_resumed_run_keeps_each_step_once_in_its_metrics(tmp_path):
+    # Killed after step 3 while writing step 4's row; the newest checkpoint is at step 2.
+    rows = [{"step": 0, "val_loss": 4.5}, {"step": 1, "train_loss": 4.3}, {"step": 2, "train_loss": 4.2},
+            {"step": 2, "val_loss": 4.1}, {"step": 3, "train_loss": 4.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "tra')
+    logger = MetricsLogger(tmp_path, True, False, "", {}, start_step=2)
+    logger.log({"step": 3, "train_loss": 3.9})
     logger.close()
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert json.loads(lines[-1]) == {"step": 2, "train_loss": 4.0} and len(lines) == 3
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == rows[:4] + [{"step": 3, "train_loss": 3.9}]
+    MetricsLogger(tmp_path, True, False, "", {}).close()  # a new run in the same directory starts afresh
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
