@@ -1,24 +1,56 @@
 """Benchmarks, printed as Markdown tables for docs/BENCHMARKS.md.
 
+    python bench.py                                     # training: the default run's model (preset shakespeare)
+    python bench.py --compare                           # ... against the GPT-2 architecture of the same size
+    python bench.py --preset palm_350m --block_size=2048 --batch_size 8 --device cuda --compile false true
     python bench.py generation                          # palm_20m, 256 and 1024 tokens of context
     python bench.py generation --contexts 512 --device=cuda --new_tokens=64
+
+Training takes a preset (a model shape from nanopalm.model.MODEL_PRESETS, a run preset from config/, or a
+JSON file) and any model key of `python train.py --help` as --key=value.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import statistics
 
 import torch
 
-from nanopalm.bench import generation_speed
-from nanopalm.device import pick_device
-from nanopalm.errors import run_cli
-from nanopalm.model import KVCache, PaLM, config_from_preset
+from nanopalm.bench import (
+    bench_config,
+    equal_size_gpt2,
+    generation_speed,
+    interleave,
+    machine_name,
+    make_train_bench,
+    matmul_flops,
+)
+from nanopalm.device import pick_device, pick_dtype
+from nanopalm.errors import ArgumentParser, UserError, run_cli
+from nanopalm.metrics import gpu_peak_flops, mfu
+from nanopalm.model import KVCache, PaLM, PaLMConfig, config_from_preset
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="what", required=True)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="shakespeare", help="model preset, config/ preset or JSON file")
+    p.add_argument("--compare", action="store_true", help="also time the GPT-2 architecture of the same size")
+    p.add_argument("--batch_size", type=int, default=0, help="sequences per step (0 = the preset's, else 8)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per repeat (their median counts)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before the first repeat")
+    p.add_argument("--repeats", type=int, default=5, help="rounds over the models; medians are reported")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="auto: float32 on CPU (the targets' precision), bf16/fp16 autocast on CUDA")
+    p.add_argument("--compile", nargs="+", default=["false"], choices=("false", "true"),
+                   help="torch.compile off and/or on: 'false true' times both")
+    p.add_argument("--peak_flops", type=float, default=0.0,
+                   help="peak FLOP/s for MFU (0 = the GPU's datasheet, else a matmul measured here)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    sub = p.add_subparsers(dest="what")
     g = sub.add_parser("generation", help="tokens/s with and without the KV cache")
     g.add_argument("--preset", default="palm_20m", help="model shape from nanopalm.model.MODEL_PRESETS")
     g.add_argument("--block_size", type=int, default=2048, help="context window of the benchmarked model")
@@ -27,7 +59,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--repeats", type=int, default=3, help="timings per number; the median is reported")
     g.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N | mps")
     g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
-    return p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    if args.what == "generation":
+        if extra:
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
+        return args
+    if args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.batch_size < 0:
+        raise UserError("--steps and --repeats must be >= 1, --warmup and --batch_size >= 0")
+    args.model, args.preset_batch_size = bench_config(args.preset, extra)  # extra: --key=value model keys
+    return args
 
 
 def bench_generation(args: argparse.Namespace) -> None:
@@ -55,10 +95,80 @@ def bench_generation(args: argparse.Namespace) -> None:
         print(f"| {name}, {kv_heads} K/V head(s) | {KVCache(shape, 1, 'meta', torch.float32).nbytes():,} |")
 
 
+def describe(config: PaLMConfig) -> str:
+    block = "parallel" if config.parallel_block else "serial"
+    return (f"{config.n_layer} layers, d_model {config.d_model}, {config.n_head} heads of {config.head_dim}, "
+            f"{config.n_kv_head} K/V head(s), {block} {config.mlp}, {config.pos_emb} positions")
+
+
+def bench_training(args: argparse.Namespace) -> None:
+    device = pick_device(args.device)
+    if args.threads > 0:  # on a shared CPU, fewer threads than cores avoids waiting on descheduled ones
+        torch.set_num_threads(args.threads)
+    # The CPU targets are fp32: auto keeps fp32 off CUDA (train.py's auto would take bf16 on this CPU).
+    dtype = torch.float32 if args.dtype == "auto" and device.type != "cuda" else pick_dtype(args.dtype, device)
+    config = args.model
+    batch_size = args.batch_size or args.preset_batch_size or 8
+    models = [(args.preset, config)]
+    if args.compare:
+        models.append(("GPT-2-style", equal_size_gpt2(config)))
+    benches = [make_train_bench(name, cfg, batch_size, device, dtype, flag == "true")
+               for flag in args.compile for name, cfg in models]
+    compiled = [flag for flag in args.compile for _ in models]
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    warmup_s = [b.warm_up(args.warmup) for b in benches]
+
+    # MFU's denominator: the flag, the GPU's datasheet (bf16/fp16 only), or a matmul measured between repeats.
+    table_peak = gpu_peak_flops(device) if dtype != torch.float32 else None
+    peaks: list[float] = []
+    measure = None
+    if args.peak_flops > 0:
+        peaks, peak_source = [args.peak_flops] * args.repeats, "--peak_flops"
+    elif table_peak:
+        peaks, peak_source = [table_peak] * args.repeats, f"{machine_name(device)} datasheet, dense bf16/fp16"
+    else:
+        peak_source = f"{str(dtype).removeprefix('torch.')} 2048^3 matmul measured between repeats"
+        def measure() -> None:
+            peaks.append(matmul_flops(device, dtype))
+    seconds = interleave(benches, args.repeats, args.steps, measure)
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+    print(f"{machine_name(device)}, torch {torch.__version__}, {device}, {dtype}, {torch.get_num_threads()} CPU "
+          f"threads; load average {load_before:.1f} at the start, {load_after:.1f} at the end")
+    print(f"batch {batch_size} x {config.block_size} tokens; full steps (forward, backward, clip, AdamW); "
+          f"{args.warmup} warm-up steps, then {args.repeats} interleaved repeats of {args.steps} steps; medians\n")
+    for name, cfg in models:
+        model = next(b.model for b in benches if b.name == name)
+        print(f"- {name}: {describe(cfg)}; {model.num_params():,} parameters, "
+              f"{model.flops_per_token(cfg.block_size) / 1e6:,.1f} MFLOPs/token (6N + 12LHQT)")
+    print("\n| model | compile | warm-up (s) | ms/step | tokens/s | peak memory (MiB) | model GFLOP/s | MFU |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for i, (b, flag) in enumerate(zip(benches, compiled, strict=True)):
+        step_s = statistics.median(row[i] for row in seconds)
+        tokens_s = b.tokens_per_step / step_s
+        flops = b.model.flops_per_token(b.model.config.block_size)
+        util = statistics.median(mfu(flops, b.tokens_per_step / row[i], peak)
+                                 for row, peak in zip(seconds, peaks, strict=True))
+        print(f"| {b.name} | {flag} | {warmup_s[i]:.1f} | {1000 * step_s:,.1f} | {tokens_s:,.0f} | "
+              f"{b.peak_bytes / 2**20:,.0f} | {flops * tokens_s / 1e9:,.1f} | {100 * util:.1f}% |")
+    print(f"\nMFU against {statistics.median(peaks) / 1e9:,.1f} GFLOP/s ({peak_source}; "
+          f"range {min(peaks) / 1e9:,.1f}-{max(peaks) / 1e9:,.1f}).")
+    if device.type != "cuda":
+        print("Peak memory off CUDA: the whole process's peak resident memory (all models together).")
+    if args.compare:
+        for i in range(0, len(benches), 2):  # (PaLM, GPT-2) pairs, one per compile setting
+            ratios = [row[i + 1] / row[i] for row in seconds]
+            print(f"PaLM / GPT-2-style tokens/s, compile {compiled[i]}: {statistics.median(ratios):.3f}x "
+                  f"(median of {len(ratios)} repeats, range {min(ratios):.3f}x-{max(ratios):.3f}x)")
+
+
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
+    print(f"$ {shlex.join(['python', 'bench.py', *argv])}\n", flush=True)  # results say how they were made
     if args.what == "generation":
         bench_generation(args)
+    else:
+        bench_training(args)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,24 @@
-"""Benchmarks. Generation: tokens per second with and without the KV cache."""
+"""Benchmarks. Generation: tokens per second with and without the KV cache. Training: ms/step, tokens/s,
+peak memory and MFU, and PaLM against the GPT-2 architecture of the same size."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import platform
 import statistics
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+from nanopalm.config import FIELDS, load_preset, parse_value
+from nanopalm.device import autocast
 from nanopalm.errors import UserError
-from nanopalm.model import PaLM
+from nanopalm.model import MODEL_PRESETS, PaLM, PaLMConfig, gpt2_config, param_count_formula
+from nanopalm.optim import OptimConfig, build_optimizer
 
 
 def synchronize(device: torch.device) -> None:
@@ -48,3 +58,183 @@ def decode_rate(model: PaLM, prompt: torch.Tensor, new_tokens: int, use_cache: b
 
     model.generate(prompt, new_tokens, temperature=0.0, use_cache=use_cache, on_token=on_token)
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def equal_size_gpt2(palm: PaLMConfig, tolerance: float = 0.02) -> PaLMConfig:
+    """The GPT-2 architecture (serial block, GELU, learned positions, biases, MHA) with the parameter
+    count of `palm`, the same vocabulary, block size and number of heads.
+
+    Among the widths whose head size is a whole even number and depths up to 3x PaLM's, it takes the
+    depth closest to PaLM's that lands within `tolerance` of its parameter count (so that both
+    models run the same number of sequential blocks), and the closest count when none does.
+    """
+    target = param_count_formula(palm)
+    keep = {k: v for k, v in dataclasses.asdict(palm).items() if k in ("vocab_size", "block_size", "dropout")}
+
+    def rank(c: PaLMConfig) -> tuple[bool, int, float]:
+        miss = abs(param_count_formula(c) / target - 1)
+        return miss > tolerance, abs(c.n_layer - palm.n_layer) if miss <= tolerance else 0, miss
+
+    step = 2 * palm.n_head
+    candidates = (gpt2_config(**keep, n_layer=layers, n_head=palm.n_head, d_model=width)
+                  for width in range(step, 3 * palm.d_model + 1, step)
+                  for layers in range(1, 3 * palm.n_layer + 1))
+    return min(candidates, key=rank)
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype` on `device`, median of `repeats` (after one warm-up).
+
+    On a CPU this is the "peak" that MFU is measured against: the best the BLAS does on this machine,
+    with the threads and the load it has right now.
+    """
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    times = []
+    for i in range(repeats + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        if i:  # the first one is the warm-up
+            times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)
+
+
+@dataclasses.dataclass
+class TrainBench:
+    """One model being timed: full optimizer steps (forward, backward, clip, AdamW) on a fixed batch."""
+
+    name: str
+    model: PaLM  # the uncompiled module: parameter count, FLOPs
+    step_fn: torch.nn.Module  # what runs the forward pass: the model or its torch.compile wrapper
+    optimizer: torch.optim.Optimizer
+    x: torch.Tensor
+    y: torch.Tensor
+    dtype: torch.dtype
+    peak_bytes: int = 0
+
+    def step(self) -> None:
+        with autocast(self.x.device, self.dtype):
+            _, loss = self.step_fn(self.x, self.y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def warm_up(self, steps: int) -> float:
+        """Untimed steps (allocator, BLAS and compile warm-up); returns the seconds they took."""
+        synchronize(self.x.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        synchronize(self.x.device)
+        return time.perf_counter() - start
+
+    def run(self, steps: int) -> float:
+        """`steps` timed steps; returns their median seconds per step."""
+        device = self.x.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        times = []
+        for _ in range(steps):
+            synchronize(device)
+            start = time.perf_counter()
+            self.step()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        if device.type == "cuda":  # this model's own tensors plus what its steps added on top of everything
+            peak = self.resident_bytes() + torch.cuda.max_memory_allocated(device) - before
+        else:
+            peak = peak_memory()
+        self.peak_bytes = max(self.peak_bytes, peak)
+        return statistics.median(times)
+
+    def resident_bytes(self) -> int:
+        """Bytes held between steps: weights, optimizer state and the batch (grads are freed each step)."""
+        tensors = [*self.model.parameters(), self.x, self.y]  # (x and y share storage: a few bytes twice)
+        tensors += [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.x.numel()
+
+
+def peak_memory() -> int:
+    """The whole process's peak resident memory: all a CPU can tell (0 where unknown, as on Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+def make_train_bench(name: str, config: PaLMConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
+                     compile_model: bool) -> TrainBench:
+    """A model with the project's AdamW (fused on CUDA) and a fixed batch of random tokens, seeded, so
+    that two benches of the same vocabulary train on the very same tokens."""
+    torch.manual_seed(0)
+    model = PaLM(config).to(device)
+    optimizer = build_optimizer(model, OptimConfig(), device.type)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(config.vocab_size, (batch_size, config.block_size + 1), generator=gen).to(device)
+    step_fn = torch.compile(model) if compile_model else model
+    return TrainBench(name, model, step_fn, optimizer, tokens[:, :-1], tokens[:, 1:], dtype)
+
+
+def interleave(benches: list[TrainBench], repeats: int, steps: int,
+               between: Callable[[], None] | None = None) -> list[list[float]]:
+    """Time the benches in turns, so that a change in the machine's load hits all of them alike.
+
+    Returns seconds per step, [repeat][bench], each the median of `steps` steps. The order reverses
+    every repeat (A B, B A, ...) so that neither bench always runs right after the other; `between`
+    runs once a repeat (for a measurement that should share the same conditions, like the CPU peak).
+    """
+    table = []
+    for r in range(repeats):
+        row = [0.0] * len(benches)
+        order = range(len(benches)) if r % 2 == 0 else reversed(range(len(benches)))
+        for i in order:
+            row[i] = benches[i].run(steps)
+        table.append(row)
+        if between is not None:
+            between()
+    return table
+
+
+def bench_config(preset: str, overrides: list[str]) -> tuple[PaLMConfig, int | None]:
+    """The model of a preset (MODEL_PRESETS name, config/ preset or JSON file) with `--key=value` model
+    overrides, and the preset's batch_size when it names one."""
+    if preset in MODEL_PRESETS:
+        values, batch_size = dict(MODEL_PRESETS[preset]), None
+    else:
+        data = load_preset(preset)
+        values = {k: v for k, v in data.items() if k in FIELDS and FIELDS[k][0] == "model"}
+        batch_size = data.get("batch_size")
+    for arg in overrides:
+        key, sep, raw = arg.removeprefix("--").partition("=")
+        if not (arg.startswith("--") and sep):
+            raise UserError(f"unexpected argument {arg!r}: model keys are given as --key=value")
+        if key not in FIELDS or FIELDS[key][0] != "model":
+            raise UserError(f"--{key} is not a model key; `python train.py --help` lists them under 'model:'")
+        values[key] = raw
+    return PaLMConfig(**{k: parse_value(k, v) for k, v in values.items()}), batch_size
+
+
+def machine_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model and core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or "CPU"
+    cpuinfo = Path("/proc/cpuinfo")  # Linux: platform.processor() only says "x86_64"
+    if cpuinfo.is_file():
+        models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("model name")]
+        name = models[0] if models else name
+    return f"{name} ({os.cpu_count()} cores)"

@@ -1,0 +1,77 @@
+"""Benchmark helpers: the equal-size GPT-2 configuration, MFU by Appendix B, the training CLI. No timings."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanopalm.bench import bench_config, equal_size_gpt2
+from nanopalm.config import parse_args
+from nanopalm.errors import UserError
+from nanopalm.metrics import mfu
+from nanopalm.model import MODEL_PRESETS, PaLM, PaLMConfig, config_from_preset, param_count_formula
+
+REPO = Path(__file__).resolve().parents[1]
+GPT2_SWITCHES = dict(parallel_block=False, mlp="gelu", pos_emb="learned", logit_scale=False, z_loss=0.0, bias=True,
+                     init="gpt2")
+
+
+def relative_size(a: PaLMConfig, b: PaLMConfig) -> float:
+    return param_count_formula(a) / param_count_formula(b) - 1
+
+
+@pytest.mark.parametrize("preset", [*MODEL_PRESETS, "shakespeare"])
+def test_equal_size_gpt2_is_gpt2_within_2_percent(preset):
+    palm = parse_args([preset]).model if preset == "shakespeare" else config_from_preset(preset)
+    gpt = equal_size_gpt2(palm)
+    assert abs(relative_size(gpt, palm)) <= 0.02
+    assert {k: getattr(gpt, k) for k in GPT2_SWITCHES} == GPT2_SWITCHES
+    assert gpt.n_kv_head == gpt.n_head == palm.n_head and gpt.d_ff == 4 * gpt.d_model
+    assert (gpt.vocab_size, gpt.block_size) == (palm.vocab_size, palm.block_size)
+    assert param_count_formula(gpt) == PaLM(gpt).num_params()
+
+
+def test_shakespeare_gpt2_preset_mirrors_the_default_run():
+    """The quality-per-time comparison: same training settings, GPT-2 architecture, same size."""
+    palm, gpt = parse_args(["shakespeare"]), parse_args(["shakespeare_gpt2"])
+    assert abs(relative_size(gpt.model, palm.model)) <= 0.03, "resize config/shakespeare_gpt2.json"
+    assert {k: getattr(gpt.model, k) for k in GPT2_SWITCHES} == GPT2_SWITCHES
+    gpt.train.out_dir = palm.train.out_dir
+    assert (gpt.train, gpt.optim) == (palm.train, palm.optim), \
+        "config/shakespeare_gpt2.json must copy the training settings of config/shakespeare.json"
+
+
+def test_mfu_reproduces_palm_540b_appendix_b():
+    """238.3k tokens/s on 6144 TPU v4 chips of 275 TFLOP/s: 46.2% MFU, 45.7% without attention."""
+    config = PaLMConfig(vocab_size=256000, block_size=2048, n_layer=118, n_head=48, head_dim=256, d_model=18432)
+    with torch.device("meta"):
+        model = PaLM(config)
+    assert model.num_params() == pytest.approx(540.35e9, rel=1e-4)
+    peak = 6144 * 275e12
+    assert mfu(model.flops_per_token(2048), 238.3e3, peak) == pytest.approx(0.462, abs=5e-4)
+    assert mfu(6 * model.num_params(), 238.3e3, peak) == pytest.approx(0.457, abs=5e-4)
+
+
+def test_bench_config_reads_presets_and_overrides():
+    config, batch = bench_config("palm_20m", ["--block_size=64", "--n_layer=2"])
+    assert (config.block_size, config.n_layer, config.d_model, batch) == (64, 2, 384, None)
+    config, batch = bench_config("shakespeare", [])
+    assert config == parse_args([]).model and batch == parse_args([]).train.batch_size
+    with pytest.raises(UserError, match="not a model key"):
+        bench_config("tiny", ["--learning_rate=1"])
+    with pytest.raises(UserError, match="--key=value"):
+        bench_config("tiny", ["n_layer=2"])
+
+
+def test_training_benchmark_cli_prints_its_tables(capsys):
+    spec = importlib.util.spec_from_file_location("bench_script", REPO / "bench.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--preset", "tiny", "--compare", "--repeats", "2", "--steps", "1", "--warmup", "0",
+                 "--peak_flops", "1e9", "--device", "cpu", "--block_size=32"])
+    out = capsys.readouterr().out
+    assert out.startswith("$ python bench.py --preset tiny --compare")
+    assert "| tiny | false |" in out and "| GPT-2-style | false |" in out
+    assert "MFU against 1.0 GFLOP/s (--peak_flops" in out
+    assert "PaLM / GPT-2-style tokens/s, compile false:" in out and "median of 2 repeats" in out
