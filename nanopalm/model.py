@@ -222,12 +222,14 @@ def lm_losses(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -> tup
     if z_loss == 0:
         ce = F.cross_entropy(logits, targets, ignore_index=-1)
         return ce, ce
-    # One logsumexp serves both terms: cross-entropy is log Z minus the target's logit.
+    # One fused log_softmax serves both terms: log p(target) is the cross-entropy, and
+    # log Z = logit(target) - log p(target) (log_softmax = logits - log Z at every index).
     mask = (targets != -1).float()
     count = mask.sum()
-    log_z = torch.logsumexp(logits, dim=-1)
-    target_logits = logits.gather(-1, targets.clamp_min(0)[:, None]).squeeze(-1)
-    ce = ((log_z - target_logits) * mask).sum() / count
+    index = targets.clamp_min(0)[:, None]
+    target_log_probs = F.log_softmax(logits, dim=-1).gather(-1, index).squeeze(-1)
+    log_z = logits.gather(-1, index).squeeze(-1) - target_log_probs
+    ce = -(target_log_probs * mask).sum() / count
     return ce + z_loss * (log_z.square() * mask).sum() / count, ce
 
 
