@@ -29,7 +29,8 @@ SEPARATOR = "\n---------------\n"
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default="out", help="run directory (or one checkpoint directory in it)")
+    p.add_argument("--out_dir", default="out-shakespeare",
+                   help="run directory (or one checkpoint directory in it); default: the default run's")
     p.add_argument("--start", default="\n", help='the prompt: text, or "FILE:path" to read it from a file')
     p.add_argument("--num_samples", type=int, default=1, help="samples to draw, one after the other")
     p.add_argument("--max_new_tokens", type=int, default=500, help="tokens generated per sample at most")
