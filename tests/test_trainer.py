@@ -113,3 +113,20 @@ def test_finetune_starts_from_trained_weights_with_a_fresh_optimizer(tiny_run, t
     assert trainer.step == 0 and trainer.cfg.model.n_layer == 2 and trainer.cfg.model.dropout == 0.1
     assert not trainer.optimizer.state  # fresh optimizer
     assert trainer.evaluate() == pytest.approx(base["val_loss"], rel=1e-6)
+
+
+def test_the_batch_ramp_multiplies_the_sequences_per_step(tiny_run, tmp_path):
+    train(tiny_run(max_iters=4, eval_interval=4, batch_ramp="2:2"))  # x2 micro-batches from step 2 on
+    tokens = [r["tokens"] for r in metrics(tmp_path / "run") if "train_loss" in r]
+    micro = 8 * 32
+    assert tokens == [micro, 2 * micro, 4 * micro, 6 * micro]
+
+
+def test_the_last_k_checkpoints_and_the_best_are_kept(tmp_path):
+    state = {"w": torch.zeros(2)}
+    for step, val in enumerate([5.0, 4.0, 1.0, 3.0, 2.0, 6.0]):
+        ckpt.save_checkpoint(tmp_path, step, state, {}, {"config": {}, "val_loss": val}, keep_last=2)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["step_00000002", "step_00000004", "step_00000005"]
+    assert ckpt.find_checkpoint(tmp_path)[1]["step"] == 5
+    assert ckpt.find_checkpoint(tmp_path, prefer_best=True)[1]["step"] == 2
