@@ -36,12 +36,18 @@ def run_cli(main: Callable[[list[str]], None], argv: list[str] | None = None) ->
     try:
         main(sys.argv[1:] if argv is None else argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _say(f"error: {e}")
         return EXIT_USER_ERROR
     except Interrupted as e:
-        print(str(e), file=sys.stderr)
+        _say(str(e))
         return e.exit_code
     except KeyboardInterrupt:  # Ctrl-C where nothing is worth saving: stop quietly, no traceback
-        print("interrupted", file=sys.stderr)
+        _say("interrupted")
         return EXIT_CTRL_C
     return 0
+
+
+def _say(line: str) -> None:
+    """One write of the whole line: under torchrun every rank reports, and lines must not interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()

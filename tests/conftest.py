@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanopalm.config import build_config
+from nanopalm.config import DEFAULT_PRESET, build_config, load_preset
 from nanopalm.shakespeare import prepare
 
 # One thread, here and in the processes tests start: tiny models gain nothing from a second one, and two
@@ -23,9 +23,14 @@ def char_dataset(tmp_path_factory) -> Path:
 
 TINY_RUN = dict(
     vocab_size=80, block_size=32, n_layer=2, n_head=2, head_dim=16, d_model=32, batch_size=8,
-    max_iters=40, eval_interval=20, eval_iters=4, log_interval=1, learning_rate=3e-3, warmup_iters=5,
-    lr_decay_iters=200, min_lr=3e-4, device="cpu", dtype="float32", compile="false", sample_tokens=0,
+    gradient_accumulation_steps=1, max_iters=40, max_minutes=0, eval_interval=20, eval_iters=4, log_interval=1,
+    optimizer="adamw", learning_rate=3e-3, lr_schedule="cosine", warmup_iters=5, lr_decay_iters=200, min_lr=3e-4,
+    palm_constant_steps=10000, weight_decay_mode="decoupled", grad_clip=1.0,
+    device="cpu", dtype="float32", compile="false", sample_tokens=0,
 )
+# Tests run tiny runs both in-process (build_config: dataclass defaults) and through `python train.py`
+# (the default preset first): overriding every key of that preset makes the two the same run.
+assert set(load_preset(DEFAULT_PRESET)) - {"dataset", "out_dir"} <= set(TINY_RUN), "add the key to TINY_RUN"
 
 
 @pytest.fixture
