@@ -37,10 +37,11 @@ def plot_runs(run_dirs: list[str | Path], output: str | Path, labels: list[str] 
         label = labels[i] if labels else Path(run_dir).name
         train = [(r["tokens"], r["train_loss"]) for r in rows if "train_loss" in r]
         val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
+        color = f"C{i}"  # one color a run: its train curve faint, its val points bold
         if train:
-            ax.plot(*zip(*train, strict=True), alpha=0.5, label=f"{label} train")
+            ax.plot(*zip(*train, strict=True), color=color, alpha=0.35, label=f"{label} train")
         if val:
-            ax.plot(*zip(*val, strict=True), marker="o", label=f"{label} val")
+            ax.plot(*zip(*val, strict=True), color=color, marker="o", label=f"{label} val")
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
