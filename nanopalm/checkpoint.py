@@ -168,13 +168,22 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
     ckpts = _steps(run_dir)
     keep = set(ckpts[-keep_last:])
-    scored = [(read_meta(p).get("val_loss"), p) for p in ckpts if (p / META_FILE).is_file()]
-    scored = [(v, p) for v, p in scored if v is not None]
+    scored = [(v, p) for p in ckpts if (v := _val_loss(p)) is not None]
     if scored:
         keep.add(min(scored, key=lambda vp: vp[0])[1])
     for p in ckpts:
         if p not in keep:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _val_loss(ckpt: Path) -> float | None:
+    """The checkpoint's val loss; None where its meta.json is missing or unreadable. Resume skips such a
+    checkpoint with a warning, so pruning must not stop every later save on it either."""
+    try:
+        value = read_meta(ckpt).get("val_loss")
+    except UserError:
+        return None
+    return value if isinstance(value, (int, float)) else None
 
 
 def find_checkpoint(path: str | Path, prefer_best: bool = False) -> tuple[Path, dict]:

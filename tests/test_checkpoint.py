@@ -152,6 +152,16 @@ def test_resaving_a_step_replaces_it_whole_and_leftovers_are_pruned(run_with_che
     assert ckpt.verify_checkpoint(newest(run_dir))["val_loss"] == 0.5
 
 
+
+def test_a_run_resumed_past_a_corrupt_meta_json_goes_on_saving(run_with_checkpoints, tiny_run):
+    """Resume skips the checkpoint whose meta.json is cut; pruning after the next save must skip it too."""
+    _, run_dir = run_with_checkpoints
+    damage_cut_meta(newest(run_dir))
+    resumed = Trainer(tiny_run(keep_last=5, resume=True))
+    resumed.step = 11
+    resumed.save(val_loss=4.0)
+    assert ckpt.verify_checkpoint(ckpt.checkpoint_dir(run_dir, 11))["val_loss"] == 4.0
+
 class RunsAShellCommand:
     """Unpickling this runs `command`: what a malicious checkpoint downloaded from anywhere could hold."""
 
