@@ -66,6 +66,7 @@ class Trainer:
         D.check_divisible(t.gradient_accumulation_steps, self.dist)
         self.data_dir = self._dataset()
         self.data_meta = load_meta(self.data_dir)
+        self.tokenizer_sha256 = tokenizer_fingerprint(self.data_dir)  # read once: every checkpoint records it
         self.step, self.tokens, self.data_offset, self.rollbacks = 0, 0, 0, 0
         self.best_val = math.inf
         self.stop = GracefulStop()  # installed by train(): SIGTERM / Ctrl-C end the run with a checkpoint
@@ -137,7 +138,7 @@ class Trainer:
         return None
 
     def _check_tokenizer(self, meta: dict) -> None:
-        expected, found = meta.get("tokenizer_sha256"), tokenizer_fingerprint(self.data_dir)
+        expected, found = meta.get("tokenizer_sha256"), self.tokenizer_sha256
         if expected and expected != found:
             raise UserError(f"the checkpoint's tokenizer ({meta.get('tokenizer')} {expected[:8]}) is not the one "
                             f"dataset {self.cfg.train.dataset!r} was prepared with ({self.data_meta['tokenizer']} "
@@ -319,7 +320,7 @@ class Trainer:
         if self.dist.is_main:
             meta = {"config": self.cfg.to_dict(), "val_loss": val_loss, "tokens": self.tokens,
                     "data_offset": self.data_offset, "rollbacks": self.rollbacks, "best_val_loss": self.best_val,
-                    "tokenizer": self.data_meta["tokenizer"], "tokenizer_sha256": tokenizer_fingerprint(self.data_dir),
+                    "tokenizer": self.data_meta["tokenizer"], "tokenizer_sha256": self.tokenizer_sha256,
                     "world_size": self.dist.world_size, "job_id": D.job_id(), "torch_version": torch.__version__,
                     "rng": "derived from (seed, step, micro-step) each micro-step; nothing to restore"}
             ckpt.save_checkpoint(self.out_dir, self.step, model_state, trainer_state, meta, self.cfg.train.keep_last)
