@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from pathlib import Path
 
+from nanopalm.atomic import write_atomic
 from nanopalm.errors import UserError, run_cli
 
 
@@ -48,10 +50,10 @@ def plot_runs(run_dirs: list[str | Path], output: str | Path, labels: list[str] 
     ax.legend()
     fig.tight_layout()
     output = Path(output)
-    tmp = output.with_name(output.stem + ".tmp" + output.suffix)
-    fig.savefig(tmp, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format=output.suffix.lstrip(".") or None, dpi=110)  # no suffix: PNG
     plt.close(fig)
-    tmp.replace(output)  # a viewer never sees a half-written PNG
+    write_atomic(output, image.getvalue())  # a viewer never sees a half-written PNG
     return output
 
 
