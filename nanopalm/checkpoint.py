@@ -195,26 +195,22 @@ def find_checkpoint(path: str | Path, prefer_best: bool = False) -> tuple[Path, 
     candidates = _steps(path)
     if not candidates:
         raise UserError(f"no checkpoint in {path}: train first (python train.py --out_dir={path})")
-    good: list[tuple[Path, dict]] = []
-    bad: list[str] = []
-    for ckpt in reversed(candidates):
+    order = list(reversed(candidates))  # newest first
+    if prefer_best:  # lowest val loss first (the newest of equals), unscored ones last: only what is used is hashed
+        losses = {p: _val_loss(p) for p in order}
+        order.sort(key=lambda p: (losses[p] is None, losses[p] or 0.0))
+    bad: dict[Path, str] = {}
+    for ckpt in order:
         try:
-            good.append((ckpt, verify_checkpoint(ckpt)))
+            meta = verify_checkpoint(ckpt)
         except UserError as e:
-            bad.append(str(e))
+            bad[ckpt] = str(e)
             continue
-        if not prefer_best:
-            break
-    if not good:
-        raise UserError(f"no usable checkpoint in {path}: {len(bad)} corrupt or incomplete, the newest: {bad[0]}; "
-                        "restore a good copy, or start again in a new --out_dir")
-    for problem in bad:  # one line each on stderr, the run itself goes on from an older checkpoint
-        print(f"warning: skipping {problem}", file=sys.stderr, flush=True)
-    if prefer_best:
-        scored = [g for g in good if g[1].get("val_loss") is not None]
-        if scored:
-            return min(scored, key=lambda g: g[1]["val_loss"])
-    return good[0]
+        for problem in bad.values():  # one line each on stderr, the run itself goes on from another checkpoint
+            print(f"warning: skipping {problem}", file=sys.stderr, flush=True)
+        return ckpt, meta
+    raise UserError(f"no usable checkpoint in {path}: {len(bad)} corrupt or incomplete, the newest: "
+                    f"{bad[candidates[-1]]}; restore a good copy, or start again in a new --out_dir")
 
 
 def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:

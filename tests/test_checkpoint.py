@@ -162,6 +162,19 @@ def test_a_run_resumed_past_a_corrupt_meta_json_goes_on_saving(run_with_checkpoi
     resumed.save(val_loss=4.0)
     assert ckpt.verify_checkpoint(ckpt.checkpoint_dir(run_dir, 11))["val_loss"] == 4.0
 
+
+def test_the_best_checkpoint_is_the_best_good_one(run_with_checkpoints, capsys):
+    """prefer_best hashes in val-loss order: a corrupt best is named and the next best is used."""
+    trainer, run_dir = run_with_checkpoints
+    trainer.step = 30
+    trainer.save(val_loss=4.5)  # newest, but not the best (step 20: 3.0)
+    capsys.readouterr()
+    assert ckpt.find_checkpoint(run_dir, prefer_best=True)[0] == newest(run_dir)
+    damage_truncate(newest(run_dir))
+    assert ckpt.find_checkpoint(run_dir, prefer_best=True)[0] == ckpt.checkpoint_dir(run_dir, 10)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: skipping checkpoint {newest(run_dir)}")
+
 class RunsAShellCommand:
     """Unpickling this runs `command`: what a malicious checkpoint downloaded from anywhere could hold."""
 
