@@ -69,6 +69,7 @@ class Trainer:
         self.tokenizer_sha256 = tokenizer_fingerprint(self.data_dir)  # read once: every checkpoint records it
         self.step, self.tokens, self.data_offset, self.rollbacks = 0, 0, 0, 0
         self.best_val = math.inf
+        self.saved_step = -1  # the step of the checkpoint this process saved or loaded last (-1: none)
         self.stop = GracefulStop()  # installed by train(): SIGTERM / Ctrl-C end the run with a checkpoint
 
         source = self._checkpoint_to_start_from()
@@ -89,7 +90,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         if source is not None and t.resume:
             self._load_trainer_state(*source)
-        self.saved_step = self.step if source is not None and t.resume else -1
 
         block = cfg.model.block_size
         vocab = cfg.model.vocab_size
@@ -151,6 +151,7 @@ class Trainer:
         self.step, self.tokens = meta["step"], meta["tokens"]
         self.data_offset, self.rollbacks = meta["data_offset"], meta.get("rollbacks", 0)
         self.best_val = meta.get("best_val_loss", math.inf)
+        self.saved_step = self.step
         if self.dist.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
@@ -273,7 +274,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         # Resume the data stream spike_skip batches past the spike: step s now reads data step s + offset.
         self.data_offset = spike_data_step + self.cfg.train.spike_skip - self.step
-        self.saved_step = self.step
         self.losses.clear()
         event = {"step": spike_step, "tokens": self.tokens, "event": "loss_spike", "loss": loss,
                  "grad_norm": grad_norm, "rolled_back_to": self.step, "data_offset": self.data_offset}
