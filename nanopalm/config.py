@@ -91,8 +91,8 @@ FIELDS = {f.name: (section, f) for section, cls in SECTIONS.items() for f in dat
 assert len(FIELDS) == sum(len(dataclasses.fields(c)) for c in SECTIONS.values()), "config keys must be unique"
 
 
-def _field_type(f: dataclasses.Field) -> type:
-    hint = typing.get_type_hints(next(c for c in SECTIONS.values() if f in dataclasses.fields(c)))[f.name]
+def _field_type(key: str) -> type:
+    hint = typing.get_type_hints(SECTIONS[FIELDS[key][0]])[key]
     if isinstance(hint, types.UnionType):  # only `X | None` is used
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
@@ -102,7 +102,7 @@ def parse_value(key: str, raw: object) -> object:
     """Convert a command-line string (or a JSON value) to the type of config field `key`."""
     if key not in FIELDS:
         raise UserError(f"unknown config key {key!r}; `python train.py --help` lists every key")
-    kind = _field_type(FIELDS[key][1])
+    kind = _field_type(key)
     if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
         return raw
     text = str(raw).strip()
@@ -144,7 +144,8 @@ def build_config(values: dict) -> RunConfig:
     """RunConfig from flat values (unknown keys and wrong types are UserErrors); validated."""
     per_section: dict[str, dict] = {name: {} for name in SECTIONS}
     for key, raw in values.items():
-        per_section[FIELDS[key][0] if key in FIELDS else "train"][key] = parse_value(key, raw)
+        value = parse_value(key, raw)  # an unknown key is a UserError here
+        per_section[FIELDS[key][0]][key] = value
     cfg = RunConfig(**{name: cls(**per_section[name]) for name, cls in SECTIONS.items()})
     cfg.optim.validate()
     cfg.train.validate()
@@ -161,7 +162,7 @@ def parse_args(argv: list[str]) -> RunConfig:
                 preset = raw
                 continue
             if not sep:  # a bare --flag means True for a bool, like --resume
-                if key in FIELDS and _field_type(FIELDS[key][1]) is bool:
+                if key in FIELDS and _field_type(key) is bool:
                     raw = "true"
                 else:
                     raise UserError(f"--{key} needs a value: write --{key}=VALUE")
