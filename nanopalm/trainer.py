@@ -130,7 +130,7 @@ class Trainer:
         if restart is not None:  # torchrun restarted this job after a failure (--max_restarts): continue it
             t.resume, t.init_from = True, ""
             return restart
-        if (self.out_dir / "checkpoints").is_dir() and any((self.out_dir / "checkpoints").iterdir()):
+        if ckpt.has_checkpoints(self.out_dir):
             raise UserError(f"{self.out_dir} already holds a run: add --resume to continue it, "
                             "or pick a new --out_dir")
         if t.init_from:
@@ -188,6 +188,8 @@ class Trainer:
         """max_minutes passed, or a rank got SIGTERM / Ctrl-C: one all-reduce, so every rank stops together."""
         minutes = self.cfg.train.max_minutes
         up = float(minutes > 0 and time.perf_counter() - started > 60 * minutes)
+        if not self.dist.enabled:  # one process: no collective, and no device sync every step
+            return up > 0 or self.stop.signum is not None
         flags = torch.tensor([up, float(self.stop.signum is not None)], device=self.device)
         up, signalled = D.all_reduce_mean(flags, self.dist).tolist()
         if signalled and not self.stop.signum:
@@ -241,8 +243,8 @@ class Trainer:
         line = (f"step {self.step:6d} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:.2f} | "
                 f"{1000 * seconds:.0f} ms/step | {tokens_per_s:,.0f} tok/s")
         if self.peak_flops:
-            row["mfu"] = mfu(self.flops_per_token, tokens_per_s * self.dist.world_size,
-                             self.peak_flops * self.dist.world_size)
+            # tokens_per_s counts the whole step's tokens, all ranks together: against all ranks' peak.
+            row["mfu"] = mfu(self.flops_per_token, tokens_per_s, self.peak_flops * self.dist.world_size)
             line += f" | mfu {100 * row['mfu']:.1f}%"
         self.logger.log(row)
         if self.dist.is_main:

@@ -130,3 +130,13 @@ def test_the_last_k_checkpoints_and_the_best_are_kept(tmp_path):
     assert kept == ["step_00000002", "step_00000004", "step_00000005"]
     assert ckpt.find_checkpoint(tmp_path)[1]["step"] == 5
     assert ckpt.find_checkpoint(tmp_path, prefer_best=True)[1]["step"] == 2
+
+
+def test_mfu_counts_the_whole_step_against_all_ranks_peak(tiny_run, tmp_path):
+    from nanopalm.distributed import DistInfo
+
+    trainer = Trainer(tiny_run())
+    trainer.peak_flops, trainer.dist = 1e12, DistInfo(rank=0, local_rank=0, world_size=2)
+    trainer._log_train(loss=4.0, grad_norm=1.0, lr=1e-3, seconds=0.5, step_tokens=1000)  # 2,000 tokens/s in all
+    (row,) = metrics(tmp_path / "run")
+    assert row["mfu"] == pytest.approx(trainer.flops_per_token * 2000 / 2e12)
