@@ -19,7 +19,7 @@ import torch
 
 from nanopalm.atomic import temporary_path, write_atomic
 from nanopalm.errors import UserError
-from nanopalm.tokenizer import Tokenizer
+from nanopalm.tokenizer import PALM_VOCAB_SIZE, Tokenizer
 
 DATA_ROOT = Path(__file__).resolve().parents[1] / "data"  # data/<name>/prepare.py writes data/<name>/
 META_FILE = "meta.json"
@@ -304,7 +304,7 @@ class BatchLoader:
 
 
 def prepare_shakespeare(
-    out_dir: str | Path | None = None, tokenizer: str = "palm", vocab_size: int = 8192
+    out_dir: str | Path | None = None, tokenizer: str = "palm", vocab_size: int = PALM_VOCAB_SIZE
 ) -> Path:
     """Prepare the built-in Shakespeare dataset (what `python train.py` uses) and return its directory."""
     from nanopalm.shakespeare import prepare  # imported here: it builds on this module

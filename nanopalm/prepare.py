@@ -35,7 +35,14 @@ from nanopalm.data import (
     write_meta,
 )
 from nanopalm.errors import ArgumentParser, UserError
-from nanopalm.tokenizer import TOKENIZER_NAMES, CharTokenizer, Tokenizer, get_tokenizer, load_tokenizer
+from nanopalm.tokenizer import (
+    PALM_VOCAB_SIZE,
+    TOKENIZER_NAMES,
+    CharTokenizer,
+    Tokenizer,
+    get_tokenizer,
+    load_tokenizer,
+)
 
 BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
             ".parquet": "parquet"}  # file suffix -> datasets' packaged loader
@@ -233,7 +240,7 @@ def build_parser(description: str, dataset: str | None, tokenizer: str, val_frac
                    help="what one document of a .txt file is: blank-line separated paragraph, line or whole file")
     p.add_argument("--tokenizer", choices=TOKENIZER_NAMES, default=None, help=f"(default: {tokenizer})")
     p.set_defaults(default_tokenizer=tokenizer)
-    p.add_argument("--vocab_size", type=int, default=None, help="palm only (default 8192)")
+    p.add_argument("--vocab_size", type=int, default=None, help=f"palm only (default {PALM_VOCAB_SIZE})")
     p.add_argument("--tokenizer_from", default=None,
                    help="reuse the tokenizer of this dataset name or directory (needed to finetune a model)")
     p.add_argument("--tokenizer_train_chars", type=int, default=50_000_000,

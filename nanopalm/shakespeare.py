@@ -18,7 +18,7 @@ import numpy as np
 
 from nanopalm.data import SplitStats, invalidate_dataset, write_meta, write_token_file
 from nanopalm.errors import UserError
-from nanopalm.tokenizer import Tokenizer, get_tokenizer
+from nanopalm.tokenizer import PALM_VOCAB_SIZE, Tokenizer, get_tokenizer
 
 VAL_EVERY = 10  # scene i is validation when i % VAL_EVERY == VAL_EVERY - 1
 
@@ -94,7 +94,7 @@ def tokenize_passages(tokenizer: Tokenizer, passages: list[str]) -> tuple[np.nda
     return tokens, SplitStats(len(passages), len(tokens), sum(len(p.encode()) for p in passages))
 
 
-def prepare(out_dir: Path, tokenizer: str = "palm", vocab_size: int = 8192) -> Path:
+def prepare(out_dir: Path, tokenizer: str = "palm", vocab_size: int = PALM_VOCAB_SIZE) -> Path:
     """Clean, split, tokenize and write the Shakespeare dataset into `out_dir`; returns `out_dir`."""
     t0 = time.time()
     train, val = split_passages(load_passages())

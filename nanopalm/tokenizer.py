@@ -26,6 +26,7 @@ TOKENIZER_NAMES = ("palm", "gpt2", "char")
 EOT_TEXT = "<|endoftext|>"  # how every tokenizer decodes eot_id, so samples show document breaks
 CONFIG_FILE = "tokenizer.json"
 PALM_MODEL_FILE = "tokenizer.model"
+PALM_VOCAB_SIZE = 8192  # the palm tokenizer's default size, right for the built-in corpus
 
 
 class Tokenizer(ABC):
@@ -203,7 +204,7 @@ class PalmTokenizer(Tokenizer):
         super().save(directory)
 
 
-def train_palm_tokenizer(texts: Iterable[str], vocab_size: int = 8192, seed: int = 0) -> PalmTokenizer:
+def train_palm_tokenizer(texts: Iterable[str], vocab_size: int = PALM_VOCAB_SIZE, seed: int = 0) -> PalmTokenizer:
     """Train a SentencePiece BPE on `texts` the way PaLM's vocabulary was built (paper, Section 2).
 
     Lossless: identity normalisation (no NFKC), whitespace kept as is (no dummy prefix, runs of
@@ -260,7 +261,7 @@ def _vocab_size_advice(error: str, vocab_size: int) -> str:
 
 def get_tokenizer(name: str, texts: Iterable[str] | None = None, vocab_size: int | None = None) -> Tokenizer:
     """The tokenizer `name`. `gpt2` is fixed; `char` and `palm` learn their vocabulary from `texts`
-    (`palm` to `vocab_size` tokens, default 8192)."""
+    (`palm` to `vocab_size` tokens, default PALM_VOCAB_SIZE)."""
     if name not in TOKENIZER_NAMES:
         raise UserError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZER_NAMES)}")
     if name == "gpt2":
@@ -269,7 +270,7 @@ def get_tokenizer(name: str, texts: Iterable[str] | None = None, vocab_size: int
         raise ValueError(f"the {name} tokenizer learns its vocabulary: pass texts=")
     if name == "char":
         return CharTokenizer.from_texts(texts)
-    return train_palm_tokenizer(texts, 8192 if vocab_size is None else vocab_size)
+    return train_palm_tokenizer(texts, PALM_VOCAB_SIZE if vocab_size is None else vocab_size)
 
 
 def load_tokenizer(data_dir: str | Path) -> Tokenizer:

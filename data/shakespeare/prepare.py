@@ -14,18 +14,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 from nanopalm.data import prepare_shakespeare  # noqa: E402
 from nanopalm.errors import ArgumentParser, UserError, run_cli  # noqa: E402
-from nanopalm.tokenizer import TOKENIZER_NAMES  # noqa: E402
+from nanopalm.tokenizer import PALM_VOCAB_SIZE, TOKENIZER_NAMES  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", choices=TOKENIZER_NAMES, default="palm")
-    parser.add_argument("--vocab_size", type=int, default=None, help="palm only (default 8192)")
+    parser.add_argument("--vocab_size", type=int, default=None, help=f"palm only (default {PALM_VOCAB_SIZE})")
     parser.add_argument("--out_dir", type=Path, default=Path(__file__).resolve().parent)
     args = parser.parse_args(argv)
     if args.vocab_size is not None and args.tokenizer != "palm":
         raise UserError(f"--vocab_size only applies to --tokenizer palm ({args.tokenizer} has a fixed vocabulary)")
-    prepare_shakespeare(args.out_dir, args.tokenizer, 8192 if args.vocab_size is None else args.vocab_size)
+    prepare_shakespeare(args.out_dir, args.tokenizer, PALM_VOCAB_SIZE if args.vocab_size is None else args.vocab_size)
 
 
 if __name__ == "__main__":
