@@ -33,21 +33,20 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float
     return flops_per_token * tokens_per_s / peak_flops
 
 
-def _rows_up_to(path: Path, step: int) -> list[str]:
-    """The complete rows of an existing metrics file up to `step`. A resumed run replays the steps
-    after its checkpoint; dropping their old rows keeps every step once. A line cut short by a kill
-    is dropped too."""
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl; a line cut short by a crash is skipped, the rest is good."""
+    path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        return []
-    kept = []
+        raise UserError(f"{path} not found: is {run_dir} a training run directory?")
+    rows = []
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(row, dict) and row.get("step", 0) <= step:
-            kept.append(line + "\n")
-    return kept
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 class MetricsLogger:
@@ -64,7 +63,9 @@ class MetricsLogger:
         if not enabled:
             return
         path = Path(out_dir) / "metrics.jsonl"
-        write_atomic(path, "".join(_rows_up_to(path, start_step)).encode())
+        # A resumed run replays the steps after its checkpoint: dropping their old rows keeps every step once.
+        kept = [row for row in read_metrics(out_dir) if row.get("step", 0) <= start_step] if path.is_file() else []
+        write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept).encode())
         self.file = open(path, "a")
         if tensorboard:
             try:

@@ -7,24 +7,11 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 from pathlib import Path
 
 from nanopalm.atomic import write_atomic
-from nanopalm.errors import UserError, run_cli
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path} not found: is {run_dir} a training run directory?")
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash; the rest is still good
-    return rows
+from nanopalm.errors import run_cli
+from nanopalm.metrics import read_metrics
 
 
 def plot_runs(run_dirs: list[str | Path], output: str | Path, labels: list[str] | None = None) -> Path:

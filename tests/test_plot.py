@@ -5,7 +5,8 @@ import json
 import pytest
 
 from nanopalm.errors import UserError
-from nanopalm.plot import main, plot_runs, read_metrics
+from nanopalm.metrics import read_metrics
+from nanopalm.plot import main, plot_runs
 
 
 def write_run(run_dir, scale: float) -> None:
