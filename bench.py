@@ -6,37 +6,32 @@
     python bench.py generation                          # palm_20m, 256 and 1024 tokens of context
     python bench.py generation --contexts 512 --device=cuda --new_tokens=64
 
-Training takes a preset (a model shape from nanopalm.model.MODEL_PRESETS, a run preset from config/, or a
-JSON file) and any model key of `python train.py --help` as --key=value.
+Both take a preset (a model-shape or run preset from config/, or a JSON file) and any model key of
+`python train.py --help` as --key=value.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import statistics
 
 import torch
 
-from nanopalm.bench import (
-    bench_config,
-    equal_size_gpt2,
-    generation_speed,
-    interleave,
-    machine_name,
-    make_train_bench,
-    matmul_flops,
-)
-from nanopalm.device import pick_device, pick_dtype
+from nanopalm.bench import generation_speed, interleave, machine_name, make_train_bench, matmul_flops
+from nanopalm.config import load_preset, model_config, parse_overrides
+from nanopalm.device import pick_device, pick_precision
 from nanopalm.errors import ArgumentParser, UserError, run_cli
 from nanopalm.metrics import gpu_peak_flops, mfu
-from nanopalm.model import KVCache, PaLM, PaLMConfig, config_from_preset
+from nanopalm.model import PaLM, PaLMConfig
+from nanopalm.variants import equal_size_gpt2
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="shakespeare", help="model preset, config/ preset or JSON file")
+    p.add_argument("--preset", default="shakespeare", help="a preset from config/ or a JSON file")
     p.add_argument("--compare", action="store_true", help="also time the GPT-2 architecture of the same size")
     p.add_argument("--batch_size", type=int, default=0, help="sequences per step (0 = the preset's, else 8)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per repeat (their median counts)")
@@ -52,7 +47,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     sub = p.add_subparsers(dest="what")
     g = sub.add_parser("generation", help="tokens/s with and without the KV cache")
-    g.add_argument("--preset", default="palm_20m", help="model shape from nanopalm.model.MODEL_PRESETS")
+    g.add_argument("--preset", default="palm_20m", help="a preset from config/ or a JSON file")
     g.add_argument("--block_size", type=int, default=2048, help="context window of the benchmarked model")
     g.add_argument("--contexts", type=int, nargs="+", default=[256, 1024], help="prompt lengths to time")
     g.add_argument("--new_tokens", type=int, default=16, help="tokens generated per timing")
@@ -60,13 +55,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N | mps")
     g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     args, extra = p.parse_known_args(argv)
+    overrides = parse_overrides(extra)  # --key=value model keys
     if args.what == "generation":
-        if extra:
-            p.error(f"unrecognized arguments: {' '.join(extra)}")
-        return args
-    if args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.batch_size < 0:
+        overrides.setdefault("block_size", args.block_size)
+    elif args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.batch_size < 0:
         raise UserError("--steps and --repeats must be >= 1, --warmup and --batch_size >= 0")
-    args.model, args.preset_batch_size = bench_config(args.preset, extra)  # extra: --key=value model keys
+    args.model = model_config(args.preset, overrides)
+    args.preset_batch_size = load_preset(args.preset).get("batch_size")
     return args
 
 
@@ -74,7 +69,7 @@ def bench_generation(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     if args.threads > 0:  # on a shared CPU, fewer threads than cores avoids waiting on descheduled ones
         torch.set_num_threads(args.threads)
-    config = config_from_preset(args.preset, block_size=args.block_size)
+    config = args.model
     torch.manual_seed(0)
     model = PaLM(config).to(device).eval()
     print(f"{args.preset}: {model.num_params():,} parameters, {config.n_head} query heads, "
@@ -91,8 +86,8 @@ def bench_generation(args: argparse.Namespace) -> None:
     print("\n| attention | KV cache bytes per sequence (float32, full block) |")
     print("|---|---:|")
     for name, kv_heads in (("multi-query (PaLM)", 1), ("multi-head", config.n_head)):
-        shape = config_from_preset(args.preset, block_size=args.block_size, n_kv_head=kv_heads)
-        print(f"| {name}, {kv_heads} K/V head(s) | {KVCache(shape, 1, 'meta', torch.float32).nbytes():,} |")
+        cache_bytes = dataclasses.replace(config, n_kv_head=kv_heads).kv_cache_bytes()
+        print(f"| {name}, {kv_heads} K/V head(s) | {cache_bytes:,} |")
 
 
 def describe(config: PaLMConfig) -> str:
@@ -106,7 +101,8 @@ def bench_training(args: argparse.Namespace) -> None:
     if args.threads > 0:  # on a shared CPU, fewer threads than cores avoids waiting on descheduled ones
         torch.set_num_threads(args.threads)
     # The CPU targets are fp32: auto keeps fp32 off CUDA (train.py's auto would take bf16 on this CPU).
-    dtype = torch.float32 if args.dtype == "auto" and device.type != "cuda" else pick_dtype(args.dtype, device)
+    cpu_auto = args.dtype == "auto" and device.type != "cuda"
+    dtype = torch.float32 if cpu_auto else pick_precision(args.dtype, device).dtype
     config = args.model
     batch_size = args.batch_size or args.preset_batch_size or 8
     models = [(args.preset, config)]

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from nanopalm.checkpoint import META_FILE, load_model
-from nanopalm.device import pick_device
+from nanopalm.checkpoint import load_model
+from nanopalm.device import pick_device, pick_precision
 from nanopalm.errors import ArgumentParser, UserError, run_cli
-from nanopalm.model import KVCache, PaLM
-from nanopalm.sampling import check_sampling_args
+from nanopalm.model import PaLM
+from nanopalm.sampling import check_sampling_args, generate
 from nanopalm.streaming import TextStream
 from nanopalm.tokenizer import Tokenizer, load_tokenizer
 
@@ -39,6 +39,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--top_p", type=float, default=None, help="nucleus: the fewest tokens holding this mass")
     p.add_argument("--seed", type=int, default=1337, help="the same seed gives the same text")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="autocast precision; auto: bf16 (or fp16) on CUDA, float32 elsewhere")
     p.add_argument("--no_cache", action="store_true", help="no KV cache: recompute the context every token")
     return p.parse_args(argv)
 
@@ -70,25 +72,28 @@ def main(argv: list[str]) -> None:
 
     out_dir = Path(args.out_dir)
     if not out_dir.is_dir():
-        raise UserError(f"--out_dir={out_dir} does not exist: give the directory of a training run")
-    model, _ = load_model(out_dir, device)
-    # A checkpoint directory sits at RUN/checkpoints/step_N; the tokenizer is saved in RUN.
-    tokenizer = load_tokenizer(out_dir.parent.parent if (out_dir / META_FILE).is_file() else out_dir)
+        what = "is a file" if out_dir.exists() else "does not exist"
+        raise UserError(f"--out_dir={out_dir} {what}: give the directory of a training run")
+    model, checkpoint = load_model(out_dir, device)
+    tokenizer = load_tokenizer(checkpoint.run_dir)  # saved in the run directory by train.py
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise UserError(f"the tokenizer in {out_dir} has {tokenizer.vocab_size} tokens but the model only "
-                        f"{model.config.vocab_size}: this run's files do not belong together")
+        raise UserError(f"the tokenizer in {checkpoint.run_dir} has {tokenizer.vocab_size} tokens but the model "
+                        f"only {model.config.vocab_size}: this run's files do not belong together")
     prompt_ids = tokenizer.encode(prompt)
+    # bf16 autocast on a GPU (the weights stay fp32): flash and cuDNN attention take only bf16/fp16. On a
+    # CPU fp32 by default, even where bf16 is fast: sampling is cheap, and fp32 samples are reproducible.
+    precision = pick_precision("float32" if args.dtype == "auto" and device.type != "cuda" else args.dtype, device)
 
-    c, dtype = model.config, model.wte.weight.dtype
-    cache_bytes = KVCache(c, 1, "meta", dtype).nbytes()  # on "meta": sized without allocating
-    print(f"{model.num_params():,} parameters on {device}; KV cache{' (unused: --no_cache)' if args.no_cache else ''}: "
-          f"{cache_bytes:,} bytes a sequence ({c.n_layer} layers x {c.n_kv_head} K/V head(s) x "
-          f"{c.block_size} positions x {c.head_dim} x 2, {dtype}); prompt {len(prompt_ids)} tokens",
-          file=sys.stderr)
+    c, dtype = model.config, precision.dtype
+    print(f"{model.num_params():,} parameters on {device} ({str(dtype).removeprefix('torch.')}); KV cache"
+          f"{' (unused: --no_cache)' if args.no_cache else ''}: {c.kv_cache_bytes(1, dtype):,} bytes a sequence "
+          f"({c.n_layer} layers x {c.n_kv_head} K/V head(s) x {c.block_size} positions x {c.head_dim} x 2); "
+          f"prompt {len(prompt_ids)} tokens", file=sys.stderr)
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    for _ in range(args.num_samples):
-        stream_sample(model, tokenizer, prompt_ids, args, generator)
+    with precision.autocast(device, for_generation=True):
+        for _ in range(args.num_samples):
+            stream_sample(model, tokenizer, prompt_ids, args, generator)
 
 
 def stream_sample(model: PaLM, tokenizer: Tokenizer, prompt_ids: list[int], args: argparse.Namespace,
@@ -97,8 +102,8 @@ def stream_sample(model: PaLM, tokenizer: Tokenizer, prompt_ids: list[int], args
     stream = TextStream(tokenizer.decode)
     write(stream.push(prompt_ids))
     x = torch.tensor([prompt_ids], dtype=torch.long, device=generator.device)
-    model.generate(
-        x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+    generate(
+        model, x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         eot_id=tokenizer.eot_id, use_cache=not args.no_cache, generator=generator,
         on_token=lambda t: write(stream.push(t.tolist())),
     )

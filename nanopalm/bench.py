@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-from nanopalm.config import FIELDS, load_preset, parse_value
-from nanopalm.device import autocast
+from nanopalm.device import Precision
+from nanopalm.distributed import compile_blocks
 from nanopalm.errors import UserError
-from nanopalm.model import MODEL_PRESETS, PaLM, PaLMConfig, gpt2_config, param_count_formula
+from nanopalm.model import PaLM, PaLMConfig
 from nanopalm.optim import OptimConfig, build_optimizer
+from nanopalm.sampling import generate
 
 
 def synchronize(device: torch.device) -> None:
@@ -56,33 +57,11 @@ def decode_rate(model: PaLM, prompt: torch.Tensor, new_tokens: int, use_cache: b
         synchronize(device)
         stamps.append(time.perf_counter())
 
-    model.generate(prompt, new_tokens, temperature=0.0, use_cache=use_cache, on_token=on_token)
+    generate(model, prompt, new_tokens, temperature=0.0, use_cache=use_cache, on_token=on_token)
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
 # ---------------------------------------------------------------------------------------------- training
-
-
-def equal_size_gpt2(palm: PaLMConfig, tolerance: float = 0.02) -> PaLMConfig:
-    """The GPT-2 architecture (serial block, GELU, learned positions, biases, MHA) with the parameter
-    count of `palm`, the same vocabulary, block size and number of heads.
-
-    Among the widths whose head size is a whole even number and depths up to 3x PaLM's, it takes the
-    depth closest to PaLM's that lands within `tolerance` of its parameter count (so that both
-    models run the same number of sequential blocks), and the closest count when none does.
-    """
-    target = param_count_formula(palm)
-    keep = {k: v for k, v in dataclasses.asdict(palm).items() if k in ("vocab_size", "block_size", "dropout")}
-
-    def rank(c: PaLMConfig) -> tuple[bool, int, float]:
-        miss = abs(param_count_formula(c) / target - 1)
-        return miss > tolerance, abs(c.n_layer - palm.n_layer) if miss <= tolerance else 0, miss
-
-    step = 2 * palm.n_head
-    candidates = (gpt2_config(**keep, n_layer=layers, n_head=palm.n_head, d_model=width)
-                  for width in range(step, 3 * palm.d_model + 1, step)
-                  for layers in range(1, 3 * palm.n_layer + 1))
-    return min(candidates, key=rank)
 
 
 def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
@@ -109,8 +88,7 @@ class TrainBench:
     """One model being timed: full optimizer steps (forward, backward, clip, AdamW) on a fixed batch."""
 
     name: str
-    model: PaLM  # the uncompiled module: parameter count, FLOPs
-    step_fn: torch.nn.Module  # what runs the forward pass: the model or its torch.compile wrapper
+    model: PaLM  # its blocks compiled in place with --compile true
     optimizer: torch.optim.Optimizer
     x: torch.Tensor
     y: torch.Tensor
@@ -118,8 +96,8 @@ class TrainBench:
     peak_bytes: int = 0
 
     def step(self) -> None:
-        with autocast(self.x.device, self.dtype):
-            _, loss = self.step_fn(self.x, self.y)
+        with Precision(self.dtype).autocast(self.x.device):
+            loss = self.model(self.x, self.y).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
@@ -184,8 +162,9 @@ def make_train_bench(name: str, config: PaLMConfig, batch_size: int, device: tor
     optimizer = build_optimizer(model, OptimConfig(), device.type)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(config.vocab_size, (batch_size, config.block_size + 1), generator=gen).to(device)
-    step_fn = torch.compile(model) if compile_model else model
-    return TrainBench(name, model, step_fn, optimizer, tokens[:, :-1], tokens[:, 1:], dtype)
+    if compile_model:
+        compile_blocks(model)  # as train.py compiles
+    return TrainBench(name, model, optimizer, tokens[:, :-1], tokens[:, 1:], dtype)
 
 
 def interleave(benches: list[TrainBench], repeats: int, steps: int,
@@ -206,25 +185,6 @@ def interleave(benches: list[TrainBench], repeats: int, steps: int,
         if between is not None:
             between()
     return table
-
-
-def bench_config(preset: str, overrides: list[str]) -> tuple[PaLMConfig, int | None]:
-    """The model of a preset (MODEL_PRESETS name, config/ preset or JSON file) with `--key=value` model
-    overrides, and the preset's batch_size when it names one."""
-    if preset in MODEL_PRESETS:
-        values, batch_size = dict(MODEL_PRESETS[preset]), None
-    else:
-        data = load_preset(preset)
-        values = {k: v for k, v in data.items() if k in FIELDS and FIELDS[k][0] == "model"}
-        batch_size = data.get("batch_size")
-    for arg in overrides:
-        key, sep, raw = arg.removeprefix("--").partition("=")
-        if not (arg.startswith("--") and sep):
-            raise UserError(f"unexpected argument {arg!r}: model keys are given as --key=value")
-        if key not in FIELDS or FIELDS[key][0] != "model":
-            raise UserError(f"--{key} is not a model key; `python train.py --help` lists them under 'model:'")
-        values[key] = raw
-    return PaLMConfig(**{k: parse_value(k, v) for k, v in values.items()}), batch_size
 
 
 def machine_name(device: torch.device) -> str:

@@ -1,9 +1,10 @@
-"""Checkpoints: safe to load, atomic to write, checked before use.
+"""Checkpoints: safe to load, atomic to write, checked before use. One Checkpointer decides which
+checkpoint a run starts from, saves and loads it, and the run's TrainState travels as one object.
 
 A run directory holds `checkpoints/step_XXXXXXXX/`, each with
   model.safetensors   the weights (plain tensors: loading them can never run code)
   trainer.pt          optimizer and grad-scaler state, read with torch.load(weights_only=True)
-  meta.json           step, data position, val loss, the run config (as data) and a SHA-256 per file
+  meta.json           the TrainState, val loss, the run config (as data) and a SHA-256 per file
 A checkpoint is written into a temporary directory, fsync'ed and renamed into place, so a crash or a
 full disk never leaves a half-written checkpoint under a final name, and the previous ones stay intact.
 Nothing non-finite is ever saved. The newest `keep_last` checkpoints are kept, plus the one with the best
@@ -12,29 +13,95 @@ val loss. docs/RELIABILITY.md lists these promises and the tests that hold them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import pickle
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from nanopalm import distributed as D
+from nanopalm.config import RunConfig, config_from_dict
 from nanopalm.errors import UserError
-from nanopalm.model import PaLM, PaLMConfig
+from nanopalm.model import PaLM
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MODEL_FILE, TRAINER_FILE, META_FILE = "model.safetensors", "trainer.pt", "meta.json"
 _PREFIX = "step_"
 _TMP, _OLD = ".tmp", ".old"  # a checkpoint being written; one being replaced (both removed by pruning)
 
 
+@dataclass
+class TrainState:
+    """Where a run is: all a resume needs besides the weights and the optimizer. Saved as one object."""
+
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # tokens trained on
+    data_offset: int = 0  # step s reads data step s + data_offset (batches skipped after loss spikes)
+    rollbacks: int = 0  # loss-spike rollbacks so far
+    best_val: float = math.inf  # lowest val loss so far
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint directory whose files matched their checksums, with its meta.json."""
+
+    path: Path
+    meta: dict
+
+    @property
+    def step(self) -> int:
+        return self.meta["step"]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path.parent.parent  # RUN/checkpoints/step_N
+
+    def config(self) -> RunConfig:
+        """The config it was trained with: JSON checked key by key, never code."""
+        if not isinstance(self.meta.get("config"), dict):
+            raise UserError(f"{self.path}/{META_FILE} has no config object; it is corrupt or not from nanoPALM")
+        try:
+            return config_from_dict(self.meta["config"])
+        except UserError as e:
+            raise UserError(f"the checkpoint's config is invalid ({e}); it is corrupt or from another "
+                            "version") from None
+
+    def train_state(self) -> TrainState:
+        try:
+            return TrainState(**self.meta["train_state"])
+        except (KeyError, TypeError):
+            raise UserError(f"{self.path}/{META_FILE} has no valid train_state; it is corrupt or from an older "
+                            "nanoPALM: start a new run (--init_from takes its weights)") from None
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    """The checkpoint a run starts from: resumed (weights, optimizer, TrainState) or finetuned (weights)."""
+
+    checkpoint: Checkpoint
+    resume: bool
+
+
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"{_PREFIX}{step:08d}"
+
+
+def _checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """The run's checkpoint directories, oldest first (good or not)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
 
 
 def _sha256(path: Path) -> str:
@@ -53,14 +120,145 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(
-    run_dir: Path,
-    step: int,
-    model_state: dict[str, torch.Tensor],
-    trainer_state: dict,
-    meta: dict,
-    keep_last: int,
-) -> Path:
+# ---- reading -------------------------------------------------------------------------------------
+def read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads((Path(path) / META_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"checkpoint {path} has no readable {META_FILE} ({e}); it is incomplete or corrupt") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"checkpoint {path}: {META_FILE} is not a JSON object; it is corrupt")
+    return meta
+
+
+def verify_checkpoint(path: Path) -> Checkpoint:
+    """The checkpoint at `path` after checking every file against its SHA-256; UserError if not."""
+    meta = read_meta(path)
+    checksums = meta.get("sha256")
+    if not isinstance(checksums, dict) or not {MODEL_FILE, TRAINER_FILE} <= set(checksums):
+        raise UserError(f"checkpoint {path} has no checksums in {META_FILE}; it is corrupt or not from nanoPALM")
+    for name, expected in checksums.items():
+        file = Path(path) / name
+        if not file.is_file():
+            raise UserError(f"checkpoint {path} is missing {name}; it is incomplete")
+        if _sha256(file) != expected:
+            raise UserError(f"checkpoint {path}: {name} does not match its checksum; the file is corrupt")
+    return Checkpoint(Path(path), meta)
+
+
+def _val_loss(path: Path) -> float | None:
+    """The checkpoint's val loss; None where its meta.json is missing or unreadable. Resume skips such a
+    checkpoint with a warning, so pruning must not stop every later save on it either."""
+    try:
+        value = read_meta(path).get("val_loss")
+    except UserError:
+        return None
+    return value if isinstance(value, (int, float)) else None
+
+
+def find_checkpoint(path: str | Path, prefer_best: bool = False) -> Checkpoint:
+    """The checkpoint to use for `path`: a checkpoint directory, or a run directory (its newest good
+    checkpoint, or the best by val loss with prefer_best). Corrupt ones are named and skipped."""
+    path = Path(path)
+    if path.is_file():
+        raise UserError(f"{path} is a file: give a run directory (or one of its checkpoints/step_N directories)")
+    if (path / META_FILE).is_file():
+        return verify_checkpoint(path)
+    candidates = _checkpoint_dirs(path)
+    if not candidates:
+        raise UserError(f"no checkpoint in {path}: train first (python train.py --out_dir={path})")
+    order = list(reversed(candidates))  # newest first
+    if prefer_best:  # lowest val loss first (the newest of equals), unscored ones last: only what is used is hashed
+        losses = {p: _val_loss(p) for p in order}
+        order.sort(key=lambda p: (losses[p] is None, losses[p] or 0.0))
+    bad: dict[Path, str] = {}
+    for candidate in order:
+        try:
+            found = verify_checkpoint(candidate)
+        except UserError as e:
+            bad[candidate] = str(e)
+            continue
+        for problem in bad.values():  # one line each on stderr, the run itself goes on from another checkpoint
+            print(f"warning: skipping {problem}", file=sys.stderr, flush=True)
+        return found
+    raise UserError(f"no usable checkpoint in {path}: {len(bad)} corrupt or incomplete, the newest: "
+                    f"{bad[candidates[-1]]}; restore a good copy, or start again in a new --out_dir")
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's model.safetensors, as tensors on the CPU."""
+    try:
+        return load_file(Path(path) / MODEL_FILE)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"cannot read weights in {path}: {e}") from None
+
+
+def read_trainer_state(path: Path) -> dict:
+    """Optimizer and scaler state. weights_only=True: a malicious pickle cannot run code here."""
+    try:
+        return torch.load(Path(path) / TRAINER_FILE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # what weights_only raises for anything but tensors and plain data
+        raise UserError(f"refusing to load {path / TRAINER_FILE}: it holds objects other than tensors and plain "
+                        "data, which could run code; use a checkpoint written by nanoPALM") from None
+    except Exception as e:  # RuntimeError, EOFError, ... for a damaged file
+        raise UserError(f"cannot read trainer state in {path}: {str(e).splitlines()[0]}") from None
+
+
+def check_weights_fit(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """A key or shape mismatch between a checkpoint and a model, as one line naming the difference."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise UserError(f"checkpoint {source} does not fit this model: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}; use the same model settings as the checkpoint")
+    for name, tensor in state.items():
+        if tensor.shape != own[name].shape:
+            raise UserError(f"checkpoint {source}: {name} has shape {tuple(tensor.shape)} but the model "
+                            f"expects {tuple(own[name].shape)}; use the model settings it was trained with")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", prefer_best: bool = True
+               ) -> tuple[PaLM, Checkpoint]:
+    """(model in eval mode on `device`, its checkpoint) from a run or checkpoint directory: what sample.py,
+    eval.py and finetuning start from. The best checkpoint by val loss, unless prefer_best=False."""
+    found = find_checkpoint(path, prefer_best=prefer_best)
+    model = PaLM(found.config().model)
+    weights = read_weights(found.path)
+    check_weights_fit(model, weights, found.path)
+    model.load_state_dict(weights)
+    return model.to(device).eval(), found
+
+
+# ---- writing -------------------------------------------------------------------------------------
+def _check_finite(step: int, states: dict) -> None:
+    """A NaN or inf in any saved tensor would poison every run resumed from it: refuse, naming the tensor."""
+    def walk(value, name: str) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise UserError(f"refusing to save checkpoint step {step}: {name} holds NaN or inf; the run "
+                                "diverged: lower --learning_rate and continue with --resume from the last checkpoint")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{name}.{key}")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{name}.{i}")
+    for name, state in states.items():
+        walk(state, name)
+
+
+def _write_failure(error: BaseException) -> str:
+    """The OS's reason for a failed write ("No space left on device"): torch wraps it in its own errors."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None and cause.strerror:
+        return cause.strerror
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def write_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tensor], trainer_state: dict,
+                     meta: dict, keep_last: int) -> Path:
     """Write checkpoint `step` atomically, then prune old ones. meta must hold `config` and `val_loss`.
 
     A failed write (disk full, ...) is a UserError and leaves the previous checkpoints as they were."""
@@ -95,171 +293,82 @@ def save_checkpoint(
     return final
 
 
-def _check_finite(step: int, states: dict) -> None:
-    """A NaN or inf in any saved tensor would poison every run resumed from it: refuse, naming the tensor."""
-    def walk(value, name: str) -> None:
-        if isinstance(value, torch.Tensor):
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                raise UserError(f"refusing to save checkpoint step {step}: {name} holds NaN or inf; the run "
-                                "diverged: lower --learning_rate and continue with --resume from the last checkpoint")
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                walk(item, f"{name}.{key}")
-        elif isinstance(value, (list, tuple)):
-            for i, item in enumerate(value):
-                walk(item, f"{name}.{i}")
-    for name, state in states.items():
-        walk(state, name)
-
-
-def _write_failure(error: BaseException) -> str:
-    """The OS's reason for a failed write ("No space left on device"): torch wraps it in its own errors."""
-    cause: BaseException | None = error
-    while cause is not None and not isinstance(cause, OSError):
-        cause = cause.__cause__ or cause.__context__
-    if cause is not None and cause.strerror:
-        return cause.strerror
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
-
-
-def _steps(run_dir: Path) -> list[Path]:
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
-
-
-def has_checkpoints(run_dir: Path) -> bool:
-    """Whether the run has any checkpoint directory, good or not (a run killed early may have none)."""
-    return bool(_steps(run_dir))
-
-
-def read_meta(ckpt: Path) -> dict:
-    try:
-        meta = json.loads((Path(ckpt) / META_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"checkpoint {ckpt} has no readable {META_FILE} ({e}); it is incomplete or corrupt") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"checkpoint {ckpt}: {META_FILE} is not a JSON object; it is corrupt")
-    return meta
-
-
-def verify_checkpoint(ckpt: Path) -> dict:
-    """Return the checkpoint's meta after checking every file against its SHA-256; UserError if not."""
-    meta = read_meta(ckpt)
-    checksums = meta.get("sha256")
-    if not isinstance(checksums, dict) or not {MODEL_FILE, TRAINER_FILE} <= set(checksums):
-        raise UserError(f"checkpoint {ckpt} has no checksums in {META_FILE}; it is corrupt or not from nanoPALM")
-    for name, expected in checksums.items():
-        path = Path(ckpt) / name
-        if not path.is_file():
-            raise UserError(f"checkpoint {ckpt} is missing {name}; it is incomplete")
-        if _sha256(path) != expected:
-            raise UserError(f"checkpoint {ckpt}: {name} does not match its checksum; the file is corrupt")
-    return meta
-
-
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
     """Keep the newest keep_last checkpoints and the one with the lowest val loss; remove what a killed
     writer left behind (one process writes checkpoints, so a *.tmp or *.old here is stale)."""
     for leftover in (Path(run_dir) / "checkpoints").glob(f"{_PREFIX}*"):
         if leftover.name.endswith((_TMP, _OLD)):
             shutil.rmtree(leftover, ignore_errors=True)
-    ckpts = _steps(run_dir)
-    keep = set(ckpts[-keep_last:])
-    scored = [(v, p) for p in ckpts if (v := _val_loss(p)) is not None]
+    found = _checkpoint_dirs(run_dir)
+    keep = set(found[-keep_last:])
+    scored = [(v, p) for p in found if (v := _val_loss(p)) is not None]
     if scored:
         keep.add(min(scored, key=lambda vp: vp[0])[1])
-    for p in ckpts:
+    for p in found:
         if p not in keep:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _val_loss(ckpt: Path) -> float | None:
-    """The checkpoint's val loss; None where its meta.json is missing or unreadable. Resume skips such a
-    checkpoint with a warning, so pruning must not stop every later save on it either."""
-    try:
-        value = read_meta(ckpt).get("val_loss")
-    except UserError:
+# ---- the run's checkpoints ---------------------------------------------------------------------
+class Checkpointer:
+    """A run's checkpoints: which one it starts from, and saving and loading its whole state.
+
+    `save` and `load` are called on every rank (under FSDP2 they gather and scatter); rank 0 writes.
+    """
+
+    def __init__(self, run_dir: str | Path, keep_last: int, info: D.DistInfo) -> None:
+        self.run_dir, self.keep_last, self.dist = Path(run_dir), keep_last, info
+
+    def start_point(self, resume: bool, init_from: str) -> StartPoint | None:
+        """The one decision of where a run starts: its own newest good checkpoint (--resume, or torchrun
+        restarting this job after a failure), another run's best weights (--init_from), or scratch."""
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UserError(f"--out_dir={self.run_dir} is a file: give a directory for the run")
+        has_checkpoints = bool(_checkpoint_dirs(self.run_dir))
+        if resume:
+            if not has_checkpoints:  # a job killed before its first checkpoint, started again
+                print(f"--resume: no checkpoint in {self.run_dir} yet, starting the run from step 0", flush=True)
+                return None
+            return StartPoint(self.latest_good(), resume=True)
+        if has_checkpoints:
+            # torchrun restarted this job after a failure (--max_restarts): continue from the checkpoint this
+            # same job wrote (a first start never finds one). Not TORCHELASTIC_RESTART_COUNT: on a node whose
+            # own workers were healthy it stays 0. An earlier job's checkpoint always needs --resume.
+            if D.job_id() is not None:
+                newest = self.latest_good()
+                if newest.meta.get("job_id") == D.job_id():
+                    return StartPoint(newest, resume=True)
+            raise UserError(f"{self.run_dir} already holds a run: add --resume to continue it, or pick a new --out_dir")
+        if init_from:
+            return StartPoint(find_checkpoint(init_from, prefer_best=True), resume=False)
         return None
-    return value if isinstance(value, (int, float)) else None
 
+    def latest_good(self) -> Checkpoint:
+        """The run's newest checkpoint whose files match their checksums (corrupt ones are named, skipped)."""
+        return find_checkpoint(self.run_dir)
 
-def find_checkpoint(path: str | Path, prefer_best: bool = False) -> tuple[Path, dict]:
-    """The checkpoint to use for `path`: a checkpoint directory, or a run directory (its newest good
-    checkpoint, or the best by val loss with prefer_best). Corrupt ones are named and skipped."""
-    path = Path(path)
-    if (path / META_FILE).is_file():
-        return path, verify_checkpoint(path)
-    candidates = _steps(path)
-    if not candidates:
-        raise UserError(f"no checkpoint in {path}: train first (python train.py --out_dir={path})")
-    order = list(reversed(candidates))  # newest first
-    if prefer_best:  # lowest val loss first (the newest of equals), unscored ones last: only what is used is hashed
-        losses = {p: _val_loss(p) for p in order}
-        order.sort(key=lambda p: (losses[p] is None, losses[p] or 0.0))
-    bad: dict[Path, str] = {}
-    for ckpt in order:
-        try:
-            meta = verify_checkpoint(ckpt)
-        except UserError as e:
-            bad[ckpt] = str(e)
-            continue
-        for problem in bad.values():  # one line each on stderr, the run itself goes on from another checkpoint
-            print(f"warning: skipping {problem}", file=sys.stderr, flush=True)
-        return ckpt, meta
-    raise UserError(f"no usable checkpoint in {path}: {len(bad)} corrupt or incomplete, the newest: "
-                    f"{bad[candidates[-1]]}; restore a good copy, or start again in a new --out_dir")
+    def save(self, state: TrainState, val_loss: float, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             scaler: torch.amp.GradScaler, meta: dict) -> None:
+        """Checkpoint step `state.step`: weights, optimizer, scaler and TrainState, with `meta` (config, ...)."""
+        model_state = D.gather_model_state(model, self.dist)
+        trainer_state = {"optimizer": D.gather_optimizer_state(model, optimizer, self.dist),
+                         "scaler": scaler.state_dict()}
+        if self.dist.is_main:
+            meta = {**meta, "train_state": dataclasses.asdict(state), "val_loss": val_loss,
+                    "world_size": self.dist.world_size, "job_id": D.job_id(), "torch_version": torch.__version__}
+            write_checkpoint(self.run_dir, state.step, model_state, trainer_state, meta, self.keep_last)
+        D.barrier(self.dist)
 
-
-def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(Path(ckpt) / MODEL_FILE)
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"cannot read weights in {ckpt}: {e}") from None
-
-
-def load_trainer_state(ckpt: Path) -> dict:
-    """Optimizer and scaler state. weights_only=True: a malicious pickle cannot run code here."""
-    try:
-        return torch.load(Path(ckpt) / TRAINER_FILE, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # what weights_only raises for anything but tensors and plain data
-        raise UserError(f"refusing to load {ckpt / TRAINER_FILE}: it holds objects other than tensors and plain "
-                        "data, which could run code; use a checkpoint written by nanoPALM") from None
-    except Exception as e:  # RuntimeError, EOFError, ... for a damaged file
-        raise UserError(f"cannot read trainer state in {ckpt}: {str(e).splitlines()[0]}") from None
-
-
-def model_config_from_meta(meta: dict) -> PaLMConfig:
-    """The architecture a checkpoint was trained with. Its config is JSON checked key by key, never code."""
-    from nanopalm.config import config_from_dict  # config imports model; avoid the import cycle
-
-    if not isinstance(meta.get("config"), dict):
-        raise UserError("the checkpoint's meta.json has no config object; it is corrupt or not from nanoPALM")
-    try:
-        return config_from_dict(meta["config"]).model
-    except UserError as e:
-        raise UserError(f"the checkpoint's config is invalid ({e}); it is corrupt or from another version") from None
-
-
-def load_weights_into(model: PaLM, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Load weights, turning a shape or key mismatch into one line that names the difference."""
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise UserError(f"checkpoint {source} does not fit this model: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}; use the same model settings as the checkpoint")
-    for name, tensor in state.items():
-        if tensor.shape != own[name].shape:
-            raise UserError(f"checkpoint {source}: {name} has shape {tuple(tensor.shape)} but the model "
-                            f"expects {tuple(own[name].shape)}; use the model settings it was trained with")
-    model.load_state_dict(state)
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu", prefer_best: bool = True) -> tuple[PaLM, dict]:
-    """(model in eval mode on `device`, the run's flat config) from a run or checkpoint directory."""
-    ckpt, meta = find_checkpoint(path, prefer_best=prefer_best)
-    model = PaLM(model_config_from_meta(meta))
-    load_weights_into(model, load_model_state(ckpt), ckpt)
-    return model.to(device).eval(), meta["config"]
+    def load(self, checkpoint: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+             scaler: torch.amp.GradScaler | None = None) -> TrainState:
+        """Load the weights, and with an optimizer also its state, the scaler's and the TrainState."""
+        weights = read_weights(checkpoint.path)
+        check_weights_fit(model, weights, checkpoint.path)
+        D.scatter_model_state(model, weights, self.dist)
+        if optimizer is None:
+            return TrainState()
+        trainer_state = read_trainer_state(checkpoint.path)
+        D.scatter_optimizer_state(model, optimizer, trainer_state["optimizer"], self.dist)
+        if scaler is not None:
+            scaler.load_state_dict(trainer_state["scaler"])
+        return checkpoint.train_state()

@@ -1,13 +1,18 @@
-"""Run configuration: small typed dataclasses, composed, overridden by `--key=value` flags.
+"""Run configuration: small typed dataclasses, composed, read from JSON presets and `--key=value` flags.
 
-Each component owns its config (PaLMConfig in model.py, OptimConfig in optim.py, TrainConfig here);
-the command line sees one flat namespace of their fields, the nanoGPT habit:
+Each component owns its config (PaLMConfig in model.py, OptimConfig in optim.py, TrainConfig here); the
+command line sees one flat namespace of their fields, the nanoGPT habit:
 
     python train.py                                   # the built-in default (preset "shakespeare")
     python train.py owt_palm_213m --max_iters=2000    # a preset from config/, then overrides
     python train.py config/my_run.json --compile=False
 
-Presets are JSON files of flat `key: value` pairs: data, never code (nanoGPT exec()'d Python files).
+Presets are JSON files of flat `key: value` pairs: data, never code (nanoGPT exec()'d Python files). A
+model-shape preset (config/palm_350m.json) holds only model keys. Every value, from a flag, a preset or a
+checkpoint's saved config, goes through `parse_value`: the one place where types and `Literal` choices
+are checked. Each dataclass checks its own cross-field rules in `__post_init__` (ValueError), which
+`build_config` turns into a UserError. A RunConfig is frozen: a resumed or finetuned run derives its
+effective config (trainer.effective_config) instead of editing the parsed one.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from nanopalm.errors import UserError
 from nanopalm.model import PaLMConfig
@@ -25,6 +31,7 @@ from nanopalm.optim import OptimConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 DEFAULT_PRESET = "shakespeare"
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")  # any case: True, False, 1, 0, ...
 
 
 @dataclass
@@ -43,8 +50,11 @@ class TrainConfig:
         default=1, metadata={"help": "micro-batches per optimizer step, summed over all ranks"})
     seed: int = field(default=1337, metadata={"help": "seed for init, data order and dropout"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
-    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16 (autocast)"})
-    compile: str = field(default="auto", metadata={"help": "torch.compile: auto (on for CUDA) | true | false"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "auto | float32 | bfloat16 | float16 (autocast)"})
+    compile: Literal["auto"] | bool = field(
+        default="auto", metadata={"help": "torch.compile: auto (on for CUDA) | True | False"})
+    tf32: bool = field(default=True, metadata={"help": "CUDA: fp32 matmuls on TF32 tensor cores; False = full fp32"})
     fsdp: bool = field(default=False, metadata={"help": "shard with FSDP2 instead of DDP (under torchrun)"})
     keep_last: int = field(default=3, metadata={"help": "checkpoints kept besides the best one"})
     spike_factor: float = field(
@@ -57,24 +67,20 @@ class TrainConfig:
     wandb_project: str = field(default="", metadata={"help": "also log to this wandb project ('' = off)"})
     profile: bool = field(default=False, metadata={"help": "write a torch.profiler trace of a few steps"})
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         for name in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size",
                      "gradient_accumulation_steps", "keep_last", "spike_window"):
             if getattr(self, name) <= 0:
-                raise UserError(f"{name}={getattr(self, name)} must be a positive integer")
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
         if self.max_minutes < 0 or self.spike_factor < 0 or self.spike_skip < 0 or self.sample_tokens < 0:
-            raise UserError("max_minutes, spike_factor, spike_skip and sample_tokens must be >= 0")
+            raise ValueError("max_minutes, spike_factor, spike_skip and sample_tokens must be >= 0")
         if self.spike_factor and self.spike_factor <= 1:
-            raise UserError(f"spike_factor={self.spike_factor} must be > 1 (or 0 to turn spike detection off)")
-        choices = {"dtype": ("auto", "float32", "bfloat16", "float16"), "compile": ("auto", "true", "false")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise UserError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+            raise ValueError(f"spike_factor={self.spike_factor} must be > 1 (or 0 to turn spike detection off)")
         if self.resume and self.init_from:
-            raise UserError("--resume continues a run and --init_from starts a new one from weights: pick one")
+            raise ValueError("--resume continues a run and --init_from starts a new one from weights: pick one")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     model: PaLMConfig
     optim: OptimConfig
@@ -89,38 +95,79 @@ class RunConfig:
 SECTIONS = {"model": PaLMConfig, "optim": OptimConfig, "train": TrainConfig}
 FIELDS = {f.name: (section, f) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
 assert len(FIELDS) == sum(len(dataclasses.fields(c)) for c in SECTIONS.values()), "config keys must be unique"
+HINTS = {name: typing.get_type_hints(SECTIONS[section])[name] for name, (section, _) in FIELDS.items()}
 
 
-def _field_type(key: str) -> type:
-    hint = typing.get_type_hints(SECTIONS[FIELDS[key][0]])[key]
-    if isinstance(hint, types.UnionType):  # only `X | None` is used
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
+def _options(hint: object) -> list[object]:
+    """The types and literal values a hint admits: `bool | Literal["auto"]` -> [bool, "auto"]."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return [option for arg in typing.get_args(hint) for option in _options(arg)]
+    if typing.get_origin(hint) is Literal:
+        return list(typing.get_args(hint))
+    return [hint]
+
+
+def _parse_as(option: object, raw: object) -> object:
+    """`raw` as one option (a type or a literal value); ValueError if it is not that."""
+    text = str(raw).strip()
+    if option is bool:
+        if isinstance(raw, bool) or text.lower() in TRUE + FALSE:
+            return raw if isinstance(raw, bool) else text.lower() in TRUE
+        raise ValueError
+    if option is int:
+        if isinstance(raw, bool):
+            raise ValueError
+        return int(float(text)) if float(text).is_integer() else int(text)
+    if option is float:
+        return float(text)
+    if option is str:
+        return text if isinstance(raw, str) else str(raw)
+    if isinstance(option, str) and text.lower() == option.lower():
+        return option
+    raise ValueError
 
 
 def parse_value(key: str, raw: object) -> object:
-    """Convert a command-line string (or a JSON value) to the type of config field `key`."""
+    """A command-line string or JSON value as config field `key` wants it: its type, or one of its
+    Literal choices (any case). Anything else is a UserError naming the key and what it takes."""
     if key not in FIELDS:
         raise UserError(f"unknown config key {key!r}; `python train.py --help` lists every key")
-    kind = _field_type(key)
-    if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
-        return raw
-    text = str(raw).strip()
-    try:
-        if kind is bool:
-            lowered = text.lower()
-            if lowered in ("true", "1", "yes", "on"):
-                return True
-            if lowered in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if kind is int:
-            return int(float(text)) if float(text).is_integer() else int(text)
-        if kind is float:
-            return float(text)
-        return text
-    except ValueError:
-        raise UserError(f"{key} expects {kind.__name__}, got {raw!r}") from None
+    options = _options(HINTS[key])
+    for option in options:
+        try:
+            return _parse_as(option, raw)
+        except (ValueError, OverflowError):
+            continue
+    if all(isinstance(o, str) for o in options):
+        raise UserError(f"{key}={raw!r} is not one of {', '.join(options)}")
+    names = " or ".join(o if isinstance(o, str) else "True or False" if o is bool else o.__name__ for o in options)
+    raise UserError(f"{key} expects {names}, got {raw!r}")
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """`--key=value` (or a bare `--flag` for an on/off key) -> {key: raw value}. The one flag parser."""
+    overrides = {}
+    for arg in args:
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}: keys are given as --key=value")
+        key, sep, raw = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not sep:
+            if key in FIELDS and bool in _options(HINTS[key]):
+                raw = "true"  # a bare --resume means --resume=True
+            else:
+                raise UserError(f"--{key} needs a value: write --{key}=VALUE")
+        overrides[key] = raw
+    return overrides
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def model_presets() -> list[str]:
+    """The presets that are a model shape only (palm_350m, ...): every key a model key."""
+    return [name for name in presets() if all(FIELDS.get(k, ("",))[0] == "model" for k in load_preset(name))]
 
 
 def load_preset(name_or_path: str) -> dict:
@@ -129,52 +176,54 @@ def load_preset(name_or_path: str) -> dict:
     if not path.suffix:
         path = CONFIG_DIR / f"{name_or_path}.json"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
-        raise UserError(f"no preset {name_or_path!r} (looked for {path}); known presets: {known}")
+        where = f"{path} is a directory" if path.is_dir() else f"looked for {path}"
+        raise UserError(f"no preset {name_or_path!r} ({where}); known presets: {', '.join(presets())}")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"preset {path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise UserError(f"cannot read preset {path} ({e.strerror}): check its permissions") from None
     if not isinstance(data, dict):
         raise UserError(f"preset {path} must hold a JSON object of key: value pairs")
     return {k: v for k, v in data.items() if not k.startswith("_")}  # "_comment" keys document the file
 
 
 def build_config(values: dict) -> RunConfig:
-    """RunConfig from flat values (unknown keys and wrong types are UserErrors); validated."""
+    """RunConfig from flat values: unknown keys, wrong types and impossible settings are UserErrors."""
     per_section: dict[str, dict] = {name: {} for name in SECTIONS}
     for key, raw in values.items():
         value = parse_value(key, raw)  # an unknown key is a UserError here
         per_section[FIELDS[key][0]][key] = value
-    cfg = RunConfig(**{name: cls(**per_section[name]) for name, cls in SECTIONS.items()})
-    cfg.optim.validate()
-    cfg.train.validate()
-    return cfg
+    try:
+        return RunConfig(**{name: cls(**per_section[name]) for name, cls in SECTIONS.items()})
+    except ValueError as e:  # a section's own rule (n_head must divide d_model, ...)
+        raise UserError(str(e)) from None
+
+
+def model_config(preset: str, overrides: dict | None = None) -> PaLMConfig:
+    """The model of a preset (a model-shape preset, a run preset or a JSON file) with model-key overrides."""
+    values = {k: v for k, v in load_preset(preset).items() if k in FIELDS and FIELDS[k][0] == "model"}
+    for key in overrides or {}:
+        if key in FIELDS and FIELDS[key][0] != "model":
+            raise UserError(f"--{key} is not a model key; `python train.py --help` lists them under 'model:'")
+    return build_config({**values, **(overrides or {})}).model
 
 
 def parse_args(argv: list[str]) -> RunConfig:
     """`[PRESET] [--key=value ...]` -> RunConfig. PRESET defaults to the CPU-sized shakespeare run."""
-    preset, overrides = DEFAULT_PRESET, {}
-    for arg in argv:
-        if arg.startswith("--"):
-            key, sep, raw = arg[2:].partition("=")
-            if key == "config" and sep:
-                preset = raw
-                continue
-            if not sep:  # a bare --flag means True for a bool, like --resume
-                if key in FIELDS and _field_type(key) is bool:
-                    raw = "true"
-                else:
-                    raise UserError(f"--{key} needs a value: write --{key}=VALUE")
-            overrides[key.replace("-", "_")] = raw
-        else:
-            preset = arg
+    positional = [a for a in argv if not a.startswith("--")]
+    if len(positional) > 1:
+        raise UserError(f"one preset at a time, got {', '.join(positional)}: give the rest as --key=value")
+    overrides = parse_overrides([a for a in argv if a.startswith("--")])
+    preset = overrides.pop("config", positional[0] if positional else DEFAULT_PRESET)
     return build_config({**load_preset(preset), **overrides})
 
 
 def help_text() -> str:
     lines = ["usage: python train.py [PRESET | path/to/preset.json] [--key=value ...]", "",
-             f"presets (config/): {', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.json')))}", ""]
+             f"presets (config/): {', '.join(presets())}",
+             "on/off keys take True or False (also true/false, 1/0, any case); a bare --key means True", ""]
     for section, cls in SECTIONS.items():
         lines.append(f"{section}:")
         for f in dataclasses.fields(cls):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import torch
 
 from nanopalm.atomic import temporary_path, write_atomic
 from nanopalm.errors import UserError
-from nanopalm.tokenizer import PALM_VOCAB_SIZE, Tokenizer
+from nanopalm.tokenizer import Tokenizer
 
 DATA_ROOT = Path(__file__).resolve().parents[1] / "data"  # data/<name>/prepare.py writes data/<name>/
 META_FILE = "meta.json"
@@ -200,6 +202,23 @@ def write_meta(data_dir: Path, tokenizer: Tokenizer, source: str, train: SplitSt
     return meta
 
 
+def write_dataset(out_dir: Path, tokenizer: Tokenizer, source: str, started: float,
+                  write_split: Callable[[str, Path], SplitStats]) -> dict:
+    """The one way every prepare path writes a dataset directory: mark it incomplete, write train.bin and
+    val.bin (`write_split(split, path)` writes one and returns its stats), the tokenizer, then meta.json
+    last. Returns the meta and prints a summary (`started`: the prepare's start, time.time())."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    invalidate_dataset(out_dir)
+    stats = {split: write_split(split, out_dir / f"{split}.bin") for split in SPLITS}
+    tokenizer.save(out_dir)
+    meta = write_meta(out_dir, tokenizer, source, stats["train"], stats["val"])
+    print(f"{out_dir}: {stats['train'].tokens:,} train and {stats['val'].tokens:,} val tokens in "
+          f"{stats['train'].documents:,} + {stats['val'].documents:,} documents ({tokenizer.name}, vocabulary "
+          f"{tokenizer.vocab_size}), {meta['bytes_per_token_val']:.3f} bytes per val token, "
+          f"{time.time() - started:.1f} s")
+    return meta
+
+
 def load_meta(data_dir: str | Path) -> dict:
     """meta.json of a prepared dataset (tokenizer, vocab_size, eot_id, train_tokens, val_tokens,
     bytes_per_token_val, ...)."""
@@ -301,12 +320,3 @@ class BatchLoader:
             return (x.pin_memory().to(self.device, non_blocking=True),
                     y.pin_memory().to(self.device, non_blocking=True))
         return x.to(self.device), y.to(self.device)
-
-
-def prepare_shakespeare(
-    out_dir: str | Path | None = None, tokenizer: str = "palm", vocab_size: int = PALM_VOCAB_SIZE
-) -> Path:
-    """Prepare the built-in Shakespeare dataset (what `python train.py` uses) and return its directory."""
-    from nanopalm.shakespeare import prepare  # imported here: it builds on this module
-
-    return prepare(Path(out_dir) if out_dir is not None else DATA_ROOT / "shakespeare", tokenizer, vocab_size)

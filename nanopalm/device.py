@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -49,23 +50,59 @@ def cpu_bf16_is_fast() -> bool:
         return False
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+@dataclass(frozen=True)
+class Precision:
+    """Every precision decision of a run, made once by `pick_precision`.
+
+    dtype: what the run trains in. Weights and optimizer state stay fp32 whatever it is; bf16 and fp16
+    are mixed precision. Two ways to get there: autocast around the forward (one process, DDP), or, under
+    FSDP2 in bf16, FSDP's MixedPrecisionPolicy, which all-gathers the weights in bf16 (half the traffic)
+    and runs the forward in bf16 with no autocast on top, reducing gradients in fp32.
+    """
+
+    dtype: torch.dtype
+    sharded: bool = False  # FSDP2
+
+    @property
+    def autocast_dtype(self) -> torch.dtype:
+        """The autocast dtype of training and eval forwards; float32 means no autocast."""
+        return torch.float32 if self.fsdp_param_dtype is not None else self.dtype
+
+    @property
+    def fsdp_param_dtype(self) -> torch.dtype | None:
+        """FSDP2's param_dtype: bf16 when it does the casting, None (no cast) otherwise."""
+        return torch.bfloat16 if self.sharded and self.dtype == torch.bfloat16 else None
+
+    @property
+    def grad_scaler(self) -> bool:
+        """fp16 needs loss scaling (bf16 has fp32's range)."""
+        return self.dtype == torch.float16
+
+    def autocast(self, device: torch.device, for_generation: bool = False) -> contextlib.AbstractContextManager:
+        """Mixed precision for a forward pass; a no-op in fp32. Generation always autocasts to the run's
+        dtype: it runs outside FSDP's casting (and sample.py keeps fp32 weights)."""
+        dtype = self.dtype if for_generation else self.autocast_dtype
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def pick_precision(name: str, device: torch.device, sharded: bool = False, tf32: bool = True) -> Precision:
     """`auto`: bf16 on CUDA where supported, else fp16 (with a GradScaler); bf16 on a CPU whose bf16 is
-    fast; fp32 otherwise (MPS included)."""
+    fast; fp32 otherwise (MPS included). On CUDA, fp32 matmuls use TF32 unless tf32=False."""
+    if device.type == "cuda":  # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
     if name != "auto":
         dtype = DTYPES[name]
         if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError("this GPU has no bfloat16; use --dtype=float16 or --dtype=auto")
-        return dtype
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_bf16_is_fast():
-        return torch.bfloat16
-    return torch.float32
-
-
-def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """Mixed precision for the forward pass; a no-op for fp32 (weights stay fp32 either way)."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    elif device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    elif device.type == "cpu" and cpu_bf16_is_fast():
+        dtype = torch.bfloat16
+    else:
+        dtype = torch.float32
+    if sharded and dtype == torch.float16:
+        raise UserError("--fsdp=True trains in bfloat16 or float32, not float16 (its loss scaling would have to "
+                        "be sharded too): use --dtype=float32, or DDP (--fsdp=False)")
+    return Precision(dtype, sharded)

@@ -4,30 +4,23 @@ Under `torchrun` the environment carries RANK, LOCAL_RANK and WORLD_SIZE; withou
 NCCL on CUDA, gloo on the CPU, so the same code paths are testable on a laptop. docs/DISTRIBUTED.md has
 the commands.
 
-Checkpoints are the same whatever ran them: the full (gathered) model state in safetensors and the
-optimizer state in torch's own `optimizer.state_dict()` layout, written by rank 0. So a run saved by N
-ranks, with DDP or FSDP2, resumes on M ranks or on one process.
+Checkpoints are the same whatever ran them: the full (gathered) model state and the optimizer state in
+torch's own `optimizer.state_dict()` layout. So a run saved by N ranks, with DDP or FSDP2, resumes on M
+ranks or on one process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from nanopalm import checkpoint as ckpt
+from nanopalm.device import Precision
 from nanopalm.errors import UserError
-
-if TYPE_CHECKING:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 # FSDP2 and torch.distributed.checkpoint take a second to import: only the FSDP2 paths import them.
 
@@ -37,6 +30,7 @@ class DistInfo:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    sharded: bool = False  # the model is sharded with FSDP2 (--fsdp=True with more than one rank)
 
     @property
     def is_main(self) -> bool:
@@ -47,16 +41,19 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
+def init_distributed(device: torch.device, fsdp: bool = False) -> tuple[DistInfo, torch.device]:
     """Join the process group torchrun set up (if any); each rank takes its own GPU."""
     if "RANK" not in os.environ:
         return DistInfo(), device
-    info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+    world = int(os.environ["WORLD_SIZE"])
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), world, fsdp and world > 1)
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # device_id binds the NCCL communicator to this rank's GPU at once (no guess at the first collective).
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
     if info.is_main and restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         print("warning: restarts under torchrun's shared rendezvous store can fail on stale addresses; launch with "
@@ -75,77 +72,43 @@ def check_divisible(micro_steps: int, info: DistInfo) -> None:
                         f"({info.world_size}): the global batch is split evenly across ranks")
 
 
-# ---- elastic restarts ----------------------------------------------------------------------------
 def job_id() -> str | None:
     """torchrun's rendezvous id (--rdzv_id; a fresh uuid with --standalone): the same across restarts."""
     return os.environ.get("TORCHELASTIC_RUN_ID")
 
 
-def restart_checkpoint(out_dir: Path) -> tuple[Path, dict] | None:
-    """The checkpoint to continue from when torchrun restarted this job (--max_restarts): out_dir's newest
-    checkpoint if this same job wrote it, which a first start never finds. Not TORCHELASTIC_RESTART_COUNT:
-    on a node whose own workers were healthy (another node failed or joined) it stays 0. A checkpoint of an
-    earlier job is never picked up silently: that needs --resume."""
-    if job_id() is None:
-        return None
-    try:
-        found = ckpt.find_checkpoint(out_dir)
-    except UserError:  # no checkpoint yet
-        return None
-    return found if found[1].get("job_id") == job_id() else None
+# ---- compiling and wrapping ----------------------------------------------------------------------
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each transformer block in place, as torchtitan does: parameter names are unchanged
+    (no `_orig_mod.` in checkpoints), and FSDP2's and DDP's hooks stay outside the compiled code."""
+    for block in model.blocks:
+        block.compile()
 
 
-# ---- wrapping ------------------------------------------------------------------------------------
-def fsdp_casts_params(dtype: torch.dtype) -> bool:
-    """Under FSDP2 bf16 is FSDP's business: parameters are all-gathered in bf16 (half the traffic) and
-    the forward runs in bf16 without autocast; gradients are reduced, and weights and optimizer state
-    kept, in fp32."""
-    return dtype == torch.bfloat16
-
-
-def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, dtype: torch.dtype, fsdp: bool,
-               compile: bool) -> nn.Module:
-    """The module the training loop calls, compiled when asked.
-
-    One process: the model. Several: DistributedDataParallel around it, or with `fsdp` the model itself
-    sharded in place by FSDP2 (one all-gather unit per Block, and the root: embedding, which is also the
-    tied output layer, and final LayerNorm). Build the optimizer after this: under FSDP2 it must hold the
-    sharded (DTensor) parameters.
-    """
-    if not (fsdp and info.enabled):
-        model = torch.compile(model) if compile else model
-        if not info.enabled:
-            return model
-        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if dtype == torch.float16:
-        raise UserError("--fsdp=True trains in bfloat16 or float32, not float16 (its loss scaling would have to "
-                        "be sharded too): use --dtype=float32, or DDP (--fsdp=False)")
+def parallelize(model: nn.Module, info: DistInfo, device: torch.device, precision: Precision) -> nn.Module:
+    """The module the training loop calls. One process: the model. Several: DistributedDataParallel around
+    it, or (info.sharded) the model itself sharded in place by FSDP2: one all-gather unit per block, and
+    the root (the embedding, which is also the tied output layer, and the final LayerNorm). Build the
+    optimizer after this: under FSDP2 it must hold the sharded (DTensor) parameters."""
+    if not info.enabled:
+        return model
+    if not info.sharded:
+        # The RoPE tables are constant buffers: nothing to broadcast before every forward.
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=dtype if fsdp_casts_params(dtype) else None,
-                                  reduce_dtype=torch.float32)
-    for block in model.blocks:
-        if compile:  # per block and in place (names unchanged); FSDP's hooks run outside the compiled code
-            block.compile()
-        fully_shard(block, mp_policy=policy)
+    policy = MixedPrecisionPolicy(param_dtype=precision.fsdp_param_dtype, reduce_dtype=torch.float32)
+    for i, block in enumerate(model.blocks):
+        # The last block's weights are needed again at once by the backward: keep them gathered (torchtitan).
+        fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(model.blocks) - 1)
     fully_shard(model, mp_policy=policy)
     return model
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """True under FSDP2: a forward then needs every rank (all-gathers), even one for sampling."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported yet: nothing has been sharded
-    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
-
-
-def autocast_dtype(model: nn.Module, dtype: torch.dtype) -> torch.dtype:
-    """The autocast dtype for forwards through `model`: float32 (none) where FSDP2 already casts."""
-    return torch.float32 if is_sharded(model) and fsdp_casts_params(dtype) else dtype
-
-
 # ---- the step ------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
+def _fsdp_no_sync(model: nn.Module):
     model.set_requires_gradient_sync(False)  # gradients accumulate unsharded, unreduced
     try:
         yield
@@ -153,29 +116,25 @@ def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
         model.set_requires_gradient_sync(True)
 
 
-def no_grad_sync(model: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager:
+def no_grad_sync(model: nn.Module, info: DistInfo, last_micro_step: bool) -> contextlib.AbstractContextManager:
     """Skip the gradient reduction (DDP all-reduce, FSDP2 reduce-scatter) on every micro-step but the last."""
-    if last_micro_step:
+    if last_micro_step or not info.enabled:
         return contextlib.nullcontext()
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.no_sync()
-    if is_sharded(model):
-        return _fsdp_no_sync(model)
-    return contextlib.nullcontext()
+    return _fsdp_no_sync(model) if info.sharded else model.no_sync()
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(model: nn.Module, max_norm: float, info: DistInfo) -> torch.Tensor:
     """Clip to max_norm; returns the norm before clipping, over the whole model on every rank."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     # FSDP2: the norm of the sharded (DTensor) gradients is a replicated DTensor of the global norm.
-    return norm.full_tensor() if is_sharded(model) else norm
+    return norm.full_tensor() if info.sharded else norm
 
 
-def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The sum over ranks (a copy); the values themselves in one process."""
     if info.enabled:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= info.world_size
     return values
 
 
@@ -184,29 +143,29 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-# ---- state for checkpoints -----------------------------------------------------------------------
-# Call these on every rank: under FSDP2 they gather or scatter.
-def _full_state(saving: bool) -> StateDictOptions:
-    """Full (unsharded) state dicts. Saving, they are gathered to rank 0, tensor by tensor onto its CPU (the
-    other ranks get {}); loading, every rank passes the whole state (read from the files) and keeps its shard."""
+# ---- full state dicts for checkpoints ------------------------------------------------------------
+# Call these on every rank: under FSDP2 they gather or scatter. Saving, the full state is gathered to
+# rank 0, tensor by tensor onto its CPU (the other ranks get {}); loading, every rank passes the whole
+# state (read from the files) and keeps its shard.
+def _full_state(saving: bool):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, cpu_offload=saving)
 
 
-def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The full (unsharded) model state, as checkpoints store it; under FSDP2 on rank 0 only."""
-    if not is_sharded(model):
+def gather_model_state(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model state; under FSDP2 on rank 0 only."""
+    if not info.sharded:
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     return get_model_state_dict(model, options=_full_state(saving=True))
 
 
-def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Load a full model state (as read from a checkpoint on every rank)."""
-    if not is_sharded(model):
-        ckpt.load_weights_into(model, state, source)
+def scatter_model_state(model: nn.Module, state: dict[str, torch.Tensor], info: DistInfo) -> None:
+    """Load a full model state (read from a checkpoint on every rank) into the model."""
+    if not info.sharded:
+        model.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
@@ -224,11 +183,11 @@ def _renumber(state: dict, key: dict) -> dict:
             "param_groups": [{**g, "params": [key[k] for k in g["params"]]} for g in state["param_groups"]]}
 
 
-def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo) -> dict:
     """The full optimizer state in `optimizer.state_dict()` layout; under FSDP2 on rank 0 only."""
     # Before the first step there is nothing to gather, and DCP would first take a zero step to create
     # the state: AdamW would then count one step too many in its bias correction.
-    if not is_sharded(model) or not optimizer.state:
+    if not info.sharded or not optimizer.state:
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
@@ -237,9 +196,9 @@ def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     return _renumber(full, {name: i for i, name in enumerate(names)}) if full else {}
 
 
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+def scatter_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, info: DistInfo) -> None:
     """Load a full optimizer state (`optimizer.state_dict()` layout, from any number of ranks)."""
-    if not is_sharded(model) or not state["state"]:  # an empty one (step 0) has no shards to scatter
+    if not info.sharded or not state["state"]:  # an empty one (step 0) has no shards to scatter
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict

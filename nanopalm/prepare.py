@@ -26,14 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nanopalm.data import (
-    DATA_ROOT,
-    SplitStats,
-    TokenFileWriter,
-    invalidate_dataset,
-    token_dtype,
-    write_meta,
-)
+from nanopalm.data import DATA_ROOT, SplitStats, TokenFileWriter, token_dtype, write_dataset
 from nanopalm.errors import ArgumentParser, UserError
 from nanopalm.tokenizer import (
     PALM_VOCAB_SIZE,
@@ -188,7 +181,7 @@ def write_split(tokenized, path: Path, tokenizer: Tokenizer) -> SplitStats:
 
 def prepare(args: argparse.Namespace) -> Path:
     """Run the whole pipeline for parsed `args` (see `build_parser`); returns the output directory."""
-    t0 = time.time()
+    started = time.time()
     if args.vocab_size is not None and (args.tokenizer or args.default_tokenizer) != "palm":
         raise UserError("--vocab_size only applies to --tokenizer palm (gpt2 and char have fixed vocabularies)")
     if not 0 < args.val_fraction < 1:
@@ -205,21 +198,12 @@ def prepare(args: argparse.Namespace) -> Path:
     train, val = split_documents(docs, args.val_fraction, args.seed)
     tok = reused or make_tokenizer(name, train, val, args.text_column, args.vocab_size,
                                    args.tokenizer_train_chars, num_proc)
-    train_tok = tokenize(train, tok, args.text_column, num_proc, "train")
-    val_tok = tokenize(val, tok, args.text_column, num_proc, "val")
-
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    invalidate_dataset(out_dir)
-    train_stats = write_split(train_tok, out_dir / "train.bin", tok)
-    val_stats = write_split(val_tok, out_dir / "val.bin", tok)
-    tok.save(out_dir)
+    tokenized = {"train": tokenize(train, tok, args.text_column, num_proc, "train"),
+                 "val": tokenize(val, tok, args.text_column, num_proc, "val")}
     source = ", ".join(args.data_files) if args.data_files else f"{args.dataset} (Hugging Face hub)"
-    meta = write_meta(out_dir, tok, source, train_stats, val_stats)
-    print(f"{out_dir}: {train_stats.tokens:,} train and {val_stats.tokens:,} val tokens in "
-          f"{train_stats.documents:,} + {val_stats.documents:,} documents ({tok.name}, vocabulary "
-          f"{tok.vocab_size}), {meta['bytes_per_token_val']:.3f} bytes per val token, {time.time() - t0:.1f} s")
-    return out_dir
+    write_dataset(Path(args.out_dir), tok, source, started,
+                  lambda split, path: write_split(tokenized[split], path, tok))
+    return Path(args.out_dir)
 
 
 def tokenizer_dir(name_or_path: str) -> Path:

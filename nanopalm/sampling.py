@@ -1,10 +1,14 @@
-"""Turning logits into tokens: temperature, top-k and top-p (nucleus) sampling."""
+"""Generation: the decoding loop with its KV cache, and turning logits into tokens (temperature, top-k,
+top-p)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from nanopalm.errors import UserError
+from nanopalm.model import PaLM
 
 
 def check_sampling_args(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> None:
@@ -50,3 +54,60 @@ def sample_next_token(
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: PaLM,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eot_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Append up to max_new_tokens sampled tokens to idx (B, T); returns (B, T + generated).
+
+    temperature 0 is greedy. A sequence that emits eot_id is finished (padded with eot_id after);
+    generation stops when all are. on_token(next_tokens) is called after every step (streaming).
+
+    Context rule: the model sees a window of at most block_size tokens, positions counted from the
+    window's start (RoPE only sees differences, so this loses nothing). A longer prompt is cropped to its
+    last block_size tokens. When the window overflows, it jumps forward to keep the last block_size // 2
+    tokens, and the KV cache is refilled from them. Both paths, cached and not, follow the same rule, so
+    they compute the same function.
+    """
+    if max_new_tokens <= 0:
+        raise UserError(f"max_new_tokens={max_new_tokens} must be positive")
+    if idx.shape[1] == 0:
+        raise UserError("the prompt is empty: give at least one token to continue from")
+    check_sampling_args(temperature, top_k, top_p)
+    block_size = model.config.block_size
+    start = max(0, idx.shape[1] - block_size)  # the window is idx[:, start:]
+    cached = 0  # tokens of the window already in the KV cache
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    if use_cache:  # under autocast K and V come out in its dtype: keep them so
+        device = idx.device.type
+        model.setup_cache(idx.shape[0], torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+    try:
+        for _ in range(max_new_tokens):
+            if idx.shape[1] - start > block_size:
+                start, cached = idx.shape[1] - max(1, block_size // 2), 0  # positions restart: re-encode
+            # With a cache only the tokens it has not seen go in: the whole window once, then one a step.
+            logits = model(idx[:, start + cached:], pos=cached, last_only=True).logits
+            cached = idx.shape[1] - start if use_cache else 0
+            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+            if eot_id is not None:
+                next_token = torch.where(finished, eot_id, next_token)
+                finished |= next_token == eot_id
+            idx = torch.cat([idx, next_token[:, None]], dim=1)
+            if on_token is not None:
+                on_token(next_token)
+            if eot_id is not None and finished.all():  # (no GPU sync per token when there is no eot)
+                break
+    finally:
+        model.clear_cache()
+    return idx

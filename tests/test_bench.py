@@ -1,16 +1,19 @@
 """Benchmark helpers: the equal-size GPT-2 configuration, MFU by Appendix B, the training CLI. No timings."""
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
-from nanopalm.bench import bench_config, equal_size_gpt2
-from nanopalm.config import parse_args
+from nanopalm.config import model_config, model_presets, parse_args
 from nanopalm.errors import UserError
 from nanopalm.metrics import mfu
-from nanopalm.model import MODEL_PRESETS, PaLM, PaLMConfig, config_from_preset, param_count_formula
+from nanopalm.model import PaLM, PaLMConfig
+from nanopalm.variants import equal_size_gpt2, param_count
+
+MODEL_PRESETS = model_presets()
 
 REPO = Path(__file__).resolve().parents[1]
 GPT2_SWITCHES = dict(parallel_block=False, mlp="gelu", pos_emb="learned", logit_scale=False, z_loss=0.0, bias=True,
@@ -18,18 +21,18 @@ GPT2_SWITCHES = dict(parallel_block=False, mlp="gelu", pos_emb="learned", logit_
 
 
 def relative_size(a: PaLMConfig, b: PaLMConfig) -> float:
-    return param_count_formula(a) / param_count_formula(b) - 1
+    return param_count(a) / param_count(b) - 1
 
 
 @pytest.mark.parametrize("preset", [*MODEL_PRESETS, "shakespeare"])
 def test_equal_size_gpt2_is_gpt2_within_2_percent(preset):
-    palm = parse_args([preset]).model if preset == "shakespeare" else config_from_preset(preset)
+    palm = parse_args([preset]).model if preset == "shakespeare" else model_config(preset)
     gpt = equal_size_gpt2(palm)
     assert abs(relative_size(gpt, palm)) <= 0.02
     assert {k: getattr(gpt, k) for k in GPT2_SWITCHES} == GPT2_SWITCHES
     assert gpt.n_kv_head == gpt.n_head == palm.n_head and gpt.d_ff == 4 * gpt.d_model
     assert (gpt.vocab_size, gpt.block_size) == (palm.vocab_size, palm.block_size)
-    assert param_count_formula(gpt) == PaLM(gpt).num_params()
+    assert param_count(gpt) == PaLM(gpt).num_params()
 
 
 def test_shakespeare_gpt2_preset_mirrors_the_default_run():
@@ -37,8 +40,7 @@ def test_shakespeare_gpt2_preset_mirrors_the_default_run():
     palm, gpt = parse_args(["shakespeare"]), parse_args(["shakespeare_gpt2"])
     assert abs(relative_size(gpt.model, palm.model)) <= 0.03, "resize config/shakespeare_gpt2.json"
     assert {k: getattr(gpt.model, k) for k in GPT2_SWITCHES} == GPT2_SWITCHES
-    gpt.train.out_dir = palm.train.out_dir
-    assert (gpt.train, gpt.optim) == (palm.train, palm.optim), \
+    assert (dataclasses.replace(gpt.train, out_dir=palm.train.out_dir), gpt.optim) == (palm.train, palm.optim), \
         "config/shakespeare_gpt2.json must copy the training settings of config/shakespeare.json"
 
 
@@ -53,22 +55,27 @@ def test_mfu_reproduces_palm_540b_appendix_b():
     assert mfu(6 * model.num_params(), 238.3e3, peak) == pytest.approx(0.457, abs=5e-4)
 
 
-def test_bench_config_reads_presets_and_overrides():
-    config, batch = bench_config("palm_20m", ["--block_size=64", "--n_layer=2"])
-    assert (config.block_size, config.n_layer, config.d_model, batch) == (64, 2, 384, None)
-    config, batch = bench_config("shakespeare", [])
-    assert config == parse_args([]).model and batch == parse_args([]).train.batch_size
+def test_bench_reads_presets_and_model_overrides_with_the_one_flag_parser():
+    bench = load_bench_script()
+    args = bench.parse_args(["--preset", "palm_20m", "--block_size=64", "--n_layer=2"])
+    assert (args.model.block_size, args.model.n_layer, args.model.d_model, args.preset_batch_size) == (64, 2, 384, None)
+    args = bench.parse_args([])
+    assert args.model == parse_args([]).model and args.preset_batch_size == parse_args([]).train.batch_size
     with pytest.raises(UserError, match="not a model key"):
-        bench_config("tiny", ["--learning_rate=1"])
-    with pytest.raises(UserError, match="--key=value"):
-        bench_config("tiny", ["n_layer=2"])
+        bench.parse_args(["--preset", "tiny", "--learning_rate=1"])
+    with pytest.raises(UserError, match="--n_layer needs a value: write --n_layer=VALUE"):
+        bench.parse_args(["--preset", "tiny", "--n_layer"])
 
 
-def test_training_benchmark_cli_prints_its_tables(capsys):
+def load_bench_script():
     spec = importlib.util.spec_from_file_location("bench_script", REPO / "bench.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    script.main(["--preset", "tiny", "--compare", "--repeats", "2", "--steps", "1", "--warmup", "0",
+    return script
+
+
+def test_training_benchmark_cli_prints_its_tables(capsys):
+    load_bench_script().main(["--preset", "tiny", "--compare", "--repeats", "2", "--steps", "1", "--warmup", "0",
                  "--peak_flops", "1e9", "--device", "cpu", "--block_size=32"])
     out = capsys.readouterr().out
     assert out.startswith("$ python bench.py --preset tiny --compare")

@@ -23,7 +23,7 @@ def run_with_checkpoints(tiny_run, tmp_path):
     """A run directory with checkpoints at steps 0, 10 and 20 (no training: the weights do not matter)."""
     trainer = Trainer(tiny_run(keep_last=5))
     for step in (0, 10, 20):
-        trainer.step = step
+        trainer.state.step = step
         trainer.save(val_loss=5.0 - step / 10)
     return trainer, tmp_path / "run"
 
@@ -69,7 +69,7 @@ def test_a_corrupt_checkpoint_is_named_in_one_line_and_resume_falls_back(run_wit
     message = damage(newest(run_dir))
     capsys.readouterr()
     resumed = Trainer(tiny_run(keep_last=5, resume=True))
-    assert resumed.step == 10
+    assert resumed.state.step == 10
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"warning: skipping checkpoint {newest(run_dir)}") and message in err[0]
 
@@ -110,7 +110,7 @@ def test_a_full_disk_leaves_the_previous_checkpoint_intact(run_with_checkpoints,
     trainer, run_dir = run_with_checkpoints
     before = {p: p.read_bytes() for p in newest(run_dir).iterdir()}
     failure(monkeypatch)
-    trainer.step = 30
+    trainer.state.step = 30
     capsys.readouterr()
     assert run_cli(lambda argv: trainer.save(val_loss=1.0), []) == 2
     err = capsys.readouterr().err
@@ -120,7 +120,7 @@ def test_a_full_disk_leaves_the_previous_checkpoint_intact(run_with_checkpoints,
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
         "step_00000000", "step_00000010", "step_00000020"]  # no step 30, no *.tmp left behind
     assert {p: p.read_bytes() for p in newest(run_dir).iterdir()} == before
-    assert ckpt.find_checkpoint(run_dir)[0] == newest(run_dir)
+    assert ckpt.find_checkpoint(run_dir).path == newest(run_dir)
 
 
 @pytest.mark.parametrize("where", ["model", "optimizer"])
@@ -135,7 +135,7 @@ def test_non_finite_values_never_reach_a_checkpoint(run_with_checkpoints, where)
         state = next(iter(trainer.optimizer.state.values()))
         next(v for v in state.values() if v.dim() > 0).view(-1)[0] = float("inf")
         match = r"refusing to save checkpoint step 30: trainer\.optimizer\.state\.\S+ holds NaN or inf"
-    trainer.step = 30
+    trainer.state.step = 30
     with pytest.raises(UserError, match=match):
         trainer.save(val_loss=1.0)
     assert not ckpt.checkpoint_dir(run_dir, 30).exists()
@@ -149,7 +149,7 @@ def test_resaving_a_step_replaces_it_whole_and_leftovers_are_pruned(run_with_che
     (root / "step_00000020.old").mkdir()
     trainer.save(val_loss=0.5)  # step 20 again, as after a rollback
     assert sorted(p.name for p in root.iterdir()) == ["step_00000000", "step_00000010", "step_00000020"]
-    assert ckpt.verify_checkpoint(newest(run_dir))["val_loss"] == 0.5
+    assert ckpt.verify_checkpoint(newest(run_dir)).meta["val_loss"] == 0.5
 
 
 
@@ -158,20 +158,20 @@ def test_a_run_resumed_past_a_corrupt_meta_json_goes_on_saving(run_with_checkpoi
     _, run_dir = run_with_checkpoints
     damage_cut_meta(newest(run_dir))
     resumed = Trainer(tiny_run(keep_last=5, resume=True))
-    resumed.step = 11
+    resumed.state.step = 11
     resumed.save(val_loss=4.0)
-    assert ckpt.verify_checkpoint(ckpt.checkpoint_dir(run_dir, 11))["val_loss"] == 4.0
+    assert ckpt.verify_checkpoint(ckpt.checkpoint_dir(run_dir, 11)).meta["val_loss"] == 4.0
 
 
 def test_the_best_checkpoint_is_the_best_good_one(run_with_checkpoints, capsys):
     """prefer_best hashes in val-loss order: a corrupt best is named and the next best is used."""
     trainer, run_dir = run_with_checkpoints
-    trainer.step = 30
+    trainer.state.step = 30
     trainer.save(val_loss=4.5)  # newest, but not the best (step 20: 3.0)
     capsys.readouterr()
-    assert ckpt.find_checkpoint(run_dir, prefer_best=True)[0] == newest(run_dir)
+    assert ckpt.find_checkpoint(run_dir, prefer_best=True).path == newest(run_dir)
     damage_truncate(newest(run_dir))
-    assert ckpt.find_checkpoint(run_dir, prefer_best=True)[0] == ckpt.checkpoint_dir(run_dir, 10)
+    assert ckpt.find_checkpoint(run_dir, prefer_best=True).path == ckpt.checkpoint_dir(run_dir, 10)
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"warning: skipping checkpoint {newest(run_dir)}")
 

@@ -1,5 +1,6 @@
 """Config: presets are data, flags override them with the right types, every key is documented."""
 
+import dataclasses
 import json
 import re
 
@@ -20,7 +21,7 @@ def test_flags_override_the_preset_with_typed_values():
 
 def test_every_preset_loads_and_its_keys_are_real():
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-    assert {"shakespeare", "owt_palm_213m", "owt_palm_paper", "finetune_shakespeare"} <= set(names)
+    assert {"shakespeare", "owt_palm_213m", "owt_palm_paper", "finetune_shakespeare", "palm_350m"} <= set(names)
     for name in names:
         raw = json.loads((CONFIG_DIR / f"{name}.json").read_text())
         assert all(k in FIELDS for k in raw if not k.startswith("_")), name
@@ -61,9 +62,12 @@ def test_help_lists_every_key_with_its_default():
         (["--no_such_key=1"], "unknown config key 'no_such_key'"),
         (["--max_iters=ten"], "max_iters expects int, got 'ten'"),
         (["--max_iters=2.5"], "max_iters expects int"),
-        (["--compile=maybe"], "compile='maybe' is not one of"),
+        (["--compile=maybe"], "compile expects auto or True or False, got 'maybe'"),
+        (["--dtype=float8"], "dtype='float8' is not one of auto, float32, bfloat16, float16"),
+        (["--mlp=relu"], "mlp='relu' is not one of swiglu, gelu"),
+        (["--d_model=30", "--n_head=4", "--head_dim=0"], "d_model=30 is not divisible by n_head=4"),
         (["--learning_rate"], "--learning_rate needs a value"),
-        (["--resume=perhaps"], "resume expects bool"),
+        (["--resume=perhaps"], "resume expects True or False, got 'perhaps'"),
         (["no_such_preset"], "no preset 'no_such_preset'"),
         (["--batch_size=0"], "batch_size=0 must be a positive integer"),
         (["--resume", "--init_from=out"], "pick one"),
@@ -80,3 +84,26 @@ def test_a_broken_preset_file_is_named(tmp_path):
     with pytest.raises(UserError, match="is not valid JSON"):
         parse_args([str(bad)])
 
+
+
+@pytest.mark.parametrize("raw, expected", [("True", True), ("False", False), ("true", True), ("FALSE", False),
+                                           ("1", True), ("0", False), ("auto", "auto"), ("AUTO", "auto")])
+def test_on_off_keys_take_any_spelling_of_true_and_false(raw, expected):
+    """The seed's own example, `python train.py config/my_run.json --compile=False`, as nanoGPT users type it."""
+    cfg = parse_args([f"--compile={raw}", f"--fsdp={raw if raw.lower() != 'auto' else 'false'}"])
+    assert cfg.train.compile is expected or cfg.train.compile == expected
+    assert isinstance(cfg.train.fsdp, bool)
+
+
+def test_the_seeds_command_line_runs_as_written(tmp_path):
+    my_run = tmp_path / "my_run.json"
+    my_run.write_text(json.dumps({"max_iters": 7, "n_layer": 2}))
+    cfg = parse_args([str(my_run), "--compile=False"])
+    assert cfg.train.compile is False and cfg.train.max_iters == 7 and cfg.model.n_layer == 2
+    assert "on/off keys take True or False (also true/false, 1/0, any case)" in help_text()
+
+
+def test_the_parsed_config_is_frozen():
+    cfg = parse_args([])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model = None

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from nanopalm import checkpoint as ckpt
 from nanopalm import distributed as D
 from nanopalm.config import build_config
+from nanopalm.errors import UserError
 from nanopalm.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,11 +132,15 @@ def test_a_killed_rank_is_brought_back_from_the_last_checkpoint(values, fsdp, tm
 
 def test_a_restart_continues_only_its_own_job(fsdp, monkeypatch):
     job = json.loads((ckpt.checkpoint_dir(fsdp[0], 12) / ckpt.META_FILE).read_text())["job_id"]
-    assert D.restart_checkpoint(fsdp[0]) is None  # not under torchrun
+    checkpointer = ckpt.Checkpointer(fsdp[0], keep_last=3, info=D.DistInfo())
+    with pytest.raises(UserError, match="already holds a run: add --resume"):
+        checkpointer.start_point(resume=False, init_from="")  # not under torchrun
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", job)
-    assert D.restart_checkpoint(fsdp[0])[0] == ckpt.checkpoint_dir(fsdp[0], 12)
+    start = checkpointer.start_point(resume=False, init_from="")
+    assert start.resume and start.checkpoint.path == ckpt.checkpoint_dir(fsdp[0], 12)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "another-job")
-    assert D.restart_checkpoint(fsdp[0]) is None  # an earlier run in out_dir still needs --resume
+    with pytest.raises(UserError, match="already holds a run: add --resume"):
+        checkpointer.start_point(resume=False, init_from="")  # an earlier run in out_dir still needs --resume
 
 
 def test_the_ranks_must_divide_the_global_batch(values, tmp_path):

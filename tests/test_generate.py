@@ -10,6 +10,7 @@ import torch
 
 from nanopalm.errors import UserError
 from nanopalm.model import PaLM, PaLMConfig
+from nanopalm.sampling import generate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,8 +50,8 @@ def test_cached_greedy_tokens_equal_uncached(n_kv_head, parallel_block):
     model = tiny_model(n_kv_head=n_kv_head, parallel_block=parallel_block)
     idx = prompt(2, 5)
     # 40 new tokens in a 16-token window: the window jumps (and the cache is rebuilt) several times.
-    cached = model.generate(idx, 40, temperature=0.0, use_cache=True)
-    uncached = model.generate(idx, 40, temperature=0.0, use_cache=False)
+    cached = generate(model, idx, 40, temperature=0.0, use_cache=True)
+    uncached = generate(model, idx, 40, temperature=0.0, use_cache=False)
     assert cached.shape == (2, 45)
     assert torch.equal(cached, uncached)
     assert len(set(cached[0, 5:].tolist())) > 3  # a real continuation, not one token repeated
@@ -59,39 +60,45 @@ def test_cached_greedy_tokens_equal_uncached(n_kv_head, parallel_block):
 def test_cached_equals_uncached_with_learned_positions_and_gpt2_blocks():
     model = tiny_model(n_kv_head=4, parallel_block=False, pos_emb="learned", mlp="gelu", bias=True)
     idx = prompt(1, 7)
-    assert torch.equal(model.generate(idx, 30, temperature=0.0), model.generate(idx, 30, 0.0, use_cache=False))
+    assert torch.equal(generate(model, idx, 30, temperature=0.0), generate(model, idx, 30, 0.0, use_cache=False))
 
 
 def test_cache_fed_in_chunks_gives_the_full_forward_logits():
     model = tiny_model()
     idx = prompt(2, 12)
-    full, _ = model(idx)
-    cache = model.new_cache(2)
-    first, _ = model(idx[:, :5], cache=cache)
-    rest, _ = model(idx[:, 5:], cache=cache)  # several new tokens after cached ones: the offset causal mask
-    assert cache.length == 12
+    full = model(idx).logits
+    model.setup_cache(2)
+    first = model(idx[:, :5]).logits
+    rest = model(idx[:, 5:], pos=5).logits  # several new tokens after cached ones: the offset causal mask
+    model.clear_cache()
     torch.testing.assert_close(torch.cat([first, rest], dim=1), full, rtol=1e-5, atol=1e-5)
 
 
-def test_cache_is_preallocated_in_the_model_dtype_with_one_kv_head():
+def test_each_layer_owns_a_preallocated_cache_with_one_kv_head():
     mqa, mha = tiny_model(n_kv_head=1), tiny_model(n_kv_head=4)
-    cache = mqa.new_cache(3)
-    assert cache.k.shape == (2, 3, 1, 16, 8) and cache.k.dtype == torch.float32
-    assert cache.nbytes() == 2 * 2 * 3 * 1 * 16 * 8 * 4  # K and V, layers, batch, heads, positions, dim, fp32
-    assert mha.new_cache(3).nbytes() == 4 * cache.nbytes()  # n_head times larger without multi-query
-    assert mqa.to(torch.bfloat16).new_cache(1).k.dtype == torch.bfloat16
+    mqa.setup_cache(3)
+    caches = [block.attn.cache for block in mqa.blocks]
+    assert len({id(c) for c in caches}) == 2 and all(c.k.shape == (3, 1, 16, 8) for c in caches)
+    assert caches[0].k.dtype == torch.float32
+    cache_bytes = sum(c.k.nbytes + c.v.nbytes for c in caches)
+    assert cache_bytes == mqa.config.kv_cache_bytes(3) == 2 * 2 * 3 * 1 * 16 * 8 * 4  # K, V, layers, ..., fp32
+    assert mha.config.kv_cache_bytes(3) == 4 * cache_bytes  # n_head times larger without multi-query
+    mqa.to(torch.bfloat16).setup_cache(1)
+    assert mqa.blocks[0].attn.cache.k.dtype == torch.bfloat16
+    mqa.clear_cache()
+    assert all(block.attn.cache is None for block in mqa.blocks)
 
 
 def test_bfloat16_generation_runs_with_a_bfloat16_cache():
     model = tiny_model().to(torch.bfloat16)
-    out = model.generate(prompt(1, 4), 6, temperature=0.0)
+    out = generate(model, prompt(1, 4), 6, temperature=0.0)
     assert out.shape == (1, 10)
 
 
 def test_stops_at_max_new_tokens():
     model = tiny_model()
     calls = []
-    out = model.generate(prompt(2, 3), 7, temperature=1.0, on_token=calls.append)
+    out = generate(model, prompt(2, 3), 7, temperature=1.0, on_token=calls.append)
     assert out.shape == (2, 10) and len(calls) == 7
     assert torch.equal(torch.stack(calls, dim=1), out[:, 3:])
 
@@ -99,17 +106,17 @@ def test_stops_at_max_new_tokens():
 def test_stops_at_end_of_document():
     model = tiny_model()
     idx = prompt(2, 4)
-    free = model.generate(idx, 20, temperature=0.0)[:, 4:]
+    free = generate(model, idx, 20, temperature=0.0)[:, 4:]
     # Declare as end-of-document a token that row 0 first produces at step 5 (and row 1 maybe never).
     step = next(i for i in range(5, 20) if free[0, i] not in free[0, :i])
     eot = int(free[0, step])
-    out = model.generate(idx, 20, temperature=0.0, eot_id=eot)[:, 4:]
+    out = generate(model, idx, 20, temperature=0.0, eot_id=eot)[:, 4:]
     ends = [row.tolist().index(eot) if eot in row.tolist() else 19 for row in free]
     assert out.shape[1] == max(ends) + 1  # generation stops once every row has ended
     for row, end in enumerate(ends):
         assert torch.equal(out[row, :end + 1], free[row, :end + 1])
         assert (out[row, end + 1:] == eot).all()  # a finished row is padded with end-of-document
-    single = model.generate(idx[:1], 20, temperature=0.0, eot_id=eot)
+    single = generate(model, idx[:1], 20, temperature=0.0, eot_id=eot)
     assert single.shape[1] == 4 + step + 1 and single[0, -1] == eot
 
 
@@ -118,7 +125,7 @@ def test_same_seed_same_tokens_other_seed_other_tokens():
 
     def run(seed: int) -> list[int]:
         gen = torch.Generator().manual_seed(seed)
-        return model.generate(prompt(1, 3), 25, temperature=1.0, top_k=20, top_p=0.95, generator=gen)[0].tolist()
+        return generate(model, prompt(1, 3), 25, temperature=1.0, top_k=20, top_p=0.95, generator=gen)[0].tolist()
 
     assert run(5) == run(5)
     assert run(5) != run(6)
@@ -128,21 +135,21 @@ def test_same_seed_same_tokens_other_seed_other_tokens():
 def test_prompt_longer_than_the_context_is_cropped_to_its_last_block(pos_emb):
     model = tiny_model(pos_emb=pos_emb)
     long = prompt(1, 3 * 16 + 5)
-    out = model.generate(long, 10, temperature=0.0)
+    out = generate(model, long, 10, temperature=0.0)
     assert out.shape == (1, 63) and torch.equal(out[:, :53], long)  # the whole prompt is kept in the output
-    cropped = model.generate(long[:, -16:], 10, temperature=0.0)
+    cropped = generate(model, long[:, -16:], 10, temperature=0.0)
     assert torch.equal(out[:, 53:], cropped[:, 16:])  # the model saw exactly the last 16 tokens
-    assert torch.equal(out, model.generate(long, 10, temperature=0.0, use_cache=False))
+    assert torch.equal(out, generate(model, long, 10, temperature=0.0, use_cache=False))
 
 
 def test_bad_generate_arguments_are_user_errors():
     model = tiny_model()
     with pytest.raises(UserError, match="max_new_tokens=0 must be positive"):
-        model.generate(prompt(1, 3), 0)
+        generate(model, prompt(1, 3), 0)
     with pytest.raises(UserError, match="prompt is empty"):
-        model.generate(prompt(1, 0), 5)
+        generate(model, prompt(1, 0), 5)
     with pytest.raises(UserError, match="top_p=2.0"):
-        model.generate(prompt(1, 3), 5, top_p=2.0)
+        generate(model, prompt(1, 3), 5, top_p=2.0)
 
 
 # ---- sample.py ----------------------------------------------------------------------------------------------
@@ -151,13 +158,13 @@ def test_bad_generate_arguments_are_user_errors():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A tiny trained-looking run: one checkpoint and the char tokenizer it was made with."""
-    from nanopalm.checkpoint import save_checkpoint
+    from nanopalm.checkpoint import write_checkpoint
     from nanopalm.tokenizer import CharTokenizer
 
     run = tmp_path_factory.mktemp("run")
     tok = CharTokenizer.from_texts(["Once upon a time there was a cat é 🙂\n"])
     model = tiny_model(vocab_size=tok.vocab_size)
-    save_checkpoint(run, 1, model.state_dict(), {}, {"config": model.config.to_dict(), "val_loss": 1.0}, keep_last=1)
+    write_checkpoint(run, 1, model.state_dict(), {}, {"config": model.config.to_dict(), "val_loss": 1.0}, keep_last=1)
     tok.save(run)
     return run
 
@@ -176,7 +183,7 @@ def test_sample_streams_exactly_the_decoded_text(run_dir, capsys):
     idx = torch.tensor([tok.encode("Once 🙂")])
     expected = ""
     for _ in range(2):
-        out = model.generate(idx, 30, temperature=0.8, top_k=200, top_p=0.9, eot_id=tok.eot_id, generator=gen)
+        out = generate(model, idx, 30, temperature=0.8, top_k=200, top_p=0.9, eot_id=tok.eot_id, generator=gen)
         expected += tok.decode(out[0].tolist()) + sample.SEPARATOR
     assert streamed == expected
     # Greedy with and without the cache: the same text.

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 
 import nanopalm.prepare as prepare_module  # noqa: E402
-from nanopalm.data import load_meta, prepare_shakespeare, read_token_file, resolve_dataset  # noqa: E402
+from nanopalm.data import load_meta, read_token_file, resolve_dataset  # noqa: E402
 from nanopalm.errors import run_cli  # noqa: E402
-from nanopalm.shakespeare import load_passages, scenes, split_passages  # noqa: E402
+from nanopalm.shakespeare import load_passages, prepare, scenes, split_passages  # noqa: E402
 from nanopalm.tokenizer import load_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def test_the_corpus_is_the_plays_as_plain_text():
 
 def test_shakespeare_prepares_fast_losslessly_and_without_overlap(tmp_path):
     t0 = time.time()
-    out = prepare_shakespeare(tmp_path / "shakespeare")
+    out = prepare(tmp_path / "shakespeare")
     assert time.time() - t0 < 30
     meta = load_meta(out)
     assert (meta["tokenizer"], meta["vocab_size"], meta["eot_id"], meta["dtype"]) == ("palm", 8192, 1, "uint16")

@@ -36,9 +36,9 @@ def reference(char_dataset, tmp_path_factory) -> dict[str, torch.Tensor]:
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    path, meta = ckpt.find_checkpoint(run_dir)
-    assert meta["step"] == RUN["max_iters"]
-    return load_file(path / ckpt.MODEL_FILE)
+    found = ckpt.find_checkpoint(run_dir)
+    assert found.step == RUN["max_iters"]
+    return load_file(found.path / ckpt.MODEL_FILE)
 
 
 def command(dataset: Path, out: Path, **overrides) -> list[str]:
@@ -121,7 +121,7 @@ def test_the_first_ctrl_c_asks_to_stop_and_a_second_stops_at_once():
 def test_resume_with_no_checkpoint_yet_starts_the_run(tiny_run, tmp_path, capsys):
     (tmp_path / "run" / "checkpoints" / "step_00000000.tmp").mkdir(parents=True)  # killed in its first save
     trainer = Trainer(tiny_run(resume=True))
-    assert trainer.step == 0 and trainer.saved_step == -1  # so step 0 is evaluated and saved as usual
+    assert trainer.state.step == 0 and trainer.saved_step == -1  # so step 0 is evaluated and saved as usual
     assert f"--resume: no checkpoint in {tmp_path / 'run'} yet, starting the run from step 0" in capsys.readouterr().out
 
 

@@ -16,8 +16,7 @@ def metrics(run_dir) -> list[dict]:
 
 
 def final_weights(run_dir) -> dict[str, torch.Tensor]:
-    path, _ = ckpt.find_checkpoint(run_dir)
-    return load_file(path / ckpt.MODEL_FILE)
+    return load_file(ckpt.find_checkpoint(run_dir).path / ckpt.MODEL_FILE)
 
 
 def test_short_run_learns_and_writes_its_run_directory(tiny_run, tmp_path):
@@ -74,11 +73,11 @@ def test_a_loss_spike_rolls_back_and_skips_batches(tiny_run, tmp_path):
     injected = []
 
     def spiking_forward(x, y=None):
-        logits, loss = forward(x, y)
-        if y is not None and trainer.step == 15 and not injected:
-            injected.append(trainer.step)
-            loss = loss * 100  # a spike far above the running median
-        return logits, loss
+        out = forward(x, y)
+        if y is not None and trainer.state.step == 15 and not injected:
+            injected.append(trainer.state.step)
+            out = out._replace(loss=out.loss * 100)  # a spike far above the running median
+        return out
 
     trainer.model.forward = spiking_forward
     trainer.train()
@@ -86,7 +85,7 @@ def test_a_loss_spike_rolls_back_and_skips_batches(tiny_run, tmp_path):
     (event,) = [r for r in rows if r.get("event") == "loss_spike"]
     assert event["step"] == 15 and event["rolled_back_to"] == 10
     assert event["data_offset"] == 15 + 7 - 10  # step 10 now reads the batch after the skipped ones
-    assert trainer.step == 30 and trainer.data_offset == 12
+    assert trainer.state.step == 30 and trainer.state.data_offset == 12
     assert all(math.isfinite(r["train_loss"]) and r["train_loss"] < 10 for r in rows if "train_loss" in r)
 
 
@@ -95,22 +94,26 @@ def test_a_nan_gradient_never_reaches_the_weights(tiny_run, tmp_path):
     forward = trainer.model.forward
 
     def nan_forward(x, y=None):
-        logits, loss = forward(x, y)
-        return logits, (loss * float("nan") if y is not None and trainer.step == 7 and not trainer.rollbacks
-                        else loss)
+        out = forward(x, y)
+        nan = y is not None and trainer.state.step == 7 and not trainer.state.rollbacks
+        return out._replace(loss=out.loss * float("nan")) if nan else out
 
     trainer.model.forward = nan_forward
     trainer.train()
-    assert trainer.rollbacks == 1
+    assert trainer.state.rollbacks == 1
     assert all(torch.isfinite(p).all() for p in trainer.raw_model.parameters())
     assert all(torch.isfinite(t).all() for t in final_weights(tmp_path / "run").values())
 
 
-def test_finetune_starts_from_trained_weights_with_a_fresh_optimizer(tiny_run, tmp_path):
+def test_finetune_starts_from_trained_weights_with_a_fresh_optimizer(tiny_run, tmp_path, capsys):
     base = train(tiny_run("base", max_iters=40))
-    trainer = Trainer(tiny_run("ft", init_from=str(tmp_path / "base"), dropout=0.1, learning_rate=1e-4, min_lr=1e-5,
-                               max_iters=5, n_layer=7))  # architecture comes from the checkpoint
-    assert trainer.step == 0 and trainer.cfg.model.n_layer == 2 and trainer.cfg.model.dropout == 0.1
+    given = tiny_run("ft", init_from=str(tmp_path / "base"), dropout=0.1, learning_rate=1e-4, min_lr=1e-5,
+                     max_iters=5, n_layer=7)
+    capsys.readouterr()
+    trainer = Trainer(given)  # the architecture comes from the checkpoint, and the run says so
+    assert "the checkpoint's model settings apply: n_layer=7 (checkpoint: 2)" in capsys.readouterr().out
+    assert trainer.state.step == 0 and trainer.cfg.model.n_layer == 2 and trainer.cfg.model.dropout == 0.1
+    assert given.model.n_layer == 7  # the parsed config itself is never changed
     assert not trainer.optimizer.state  # fresh optimizer
     assert trainer.evaluate() == pytest.approx(base["val_loss"], rel=1e-6)
 
@@ -125,11 +128,11 @@ def test_the_batch_ramp_multiplies_the_sequences_per_step(tiny_run, tmp_path):
 def test_the_last_k_checkpoints_and_the_best_are_kept(tmp_path):
     state = {"w": torch.zeros(2)}
     for step, val in enumerate([5.0, 4.0, 1.0, 3.0, 2.0, 6.0]):
-        ckpt.save_checkpoint(tmp_path, step, state, {}, {"config": {}, "val_loss": val}, keep_last=2)
+        ckpt.write_checkpoint(tmp_path, step, state, {}, {"config": {}, "val_loss": val}, keep_last=2)
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == ["step_00000002", "step_00000004", "step_00000005"]
-    assert ckpt.find_checkpoint(tmp_path)[1]["step"] == 5
-    assert ckpt.find_checkpoint(tmp_path, prefer_best=True)[1]["step"] == 2
+    assert ckpt.find_checkpoint(tmp_path).step == 5
+    assert ckpt.find_checkpoint(tmp_path, prefer_best=True).step == 2
 
 
 def test_mfu_counts_the_whole_step_against_all_ranks_peak(tiny_run, tmp_path):

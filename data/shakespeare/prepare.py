@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
-from nanopalm.data import prepare_shakespeare  # noqa: E402
 from nanopalm.errors import ArgumentParser, UserError, run_cli  # noqa: E402
+from nanopalm.shakespeare import prepare  # noqa: E402
 from nanopalm.tokenizer import PALM_VOCAB_SIZE, TOKENIZER_NAMES  # noqa: E402
 
 
@@ -25,7 +25,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.vocab_size is not None and args.tokenizer != "palm":
         raise UserError(f"--vocab_size only applies to --tokenizer palm ({args.tokenizer} has a fixed vocabulary)")
-    prepare_shakespeare(args.out_dir, args.tokenizer, PALM_VOCAB_SIZE if args.vocab_size is None else args.vocab_size)
+    prepare(args.out_dir, args.tokenizer, PALM_VOCAB_SIZE if args.vocab_size is None else args.vocab_size)
 
 
 if __name__ == "__main__":
