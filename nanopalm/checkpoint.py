@@ -101,7 +101,11 @@ def _checkpoint_dirs(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+    return sorted(found, key=_step_of)
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name[len(_PREFIX):])
 
 
 def _sha256(path: Path) -> str:
@@ -322,8 +326,6 @@ class Checkpointer:
     def start_point(self, resume: bool, init_from: str) -> StartPoint | None:
         """The one decision of where a run starts: its own newest good checkpoint (--resume, or torchrun
         restarting this job after a failure), another run's best weights (--init_from), or scratch."""
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise UserError(f"--out_dir={self.run_dir} is a file: give a directory for the run")
         has_checkpoints = bool(_checkpoint_dirs(self.run_dir))
         if resume:
             if not has_checkpoints:  # a job killed before its first checkpoint, started again
@@ -346,6 +348,14 @@ class Checkpointer:
     def latest_good(self) -> Checkpoint:
         """The run's newest checkpoint whose files match their checksums (corrupt ones are named, skipped)."""
         return find_checkpoint(self.run_dir)
+
+    def discard_after(self, step: int) -> None:
+        """Remove the checkpoints after `step`: after a loss-spike rollback to `step` they hold the abandoned
+        trajectory, and a resume must continue the new one."""
+        if self.dist.is_main:
+            for path in _checkpoint_dirs(self.run_dir):
+                if _step_of(path) > step:
+                    shutil.rmtree(path)
 
     def save(self, state: TrainState, val_loss: float, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              scaler: torch.amp.GradScaler, meta: dict) -> None:

@@ -77,6 +77,11 @@ def job_id() -> str | None:
     return os.environ.get("TORCHELASTIC_RUN_ID")
 
 
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank (FSDP2), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 # ---- compiling and wrapping ----------------------------------------------------------------------
 def compile_blocks(model: nn.Module) -> None:
     """torch.compile each transformer block in place, as torchtitan does: parameter names are unchanged

@@ -231,3 +231,13 @@ def test_flops_per_token_follows_appendix_b():
     c = model.config
     expected = 6 * model.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * 32
     assert model.flops_per_token(32) == expected
+
+
+@pytest.mark.parametrize("tie, scale", [(True, True), (False, True), (False, False)])
+def test_initial_logits_are_order_one_tied_or_not_scaled_once(tie, scale):
+    """Tied N(0,1) embeddings need the 1/sqrt(d) logit scale (Section 5); an untied output layer is
+    initialised so that the scale, when on, is applied once: std(logits) ~ 1 in every case, not 1/sqrt(d)."""
+    torch.manual_seed(0)
+    model = PaLM(tiny(d_model=256, d_ff=1024, n_head=4, vocab_size=512, tie_embeddings=tie, logit_scale=scale))
+    logits = model(torch.randint(0, 512, (4, 32))).logits
+    assert logits.std().item() == pytest.approx(1.0, rel=0.15)

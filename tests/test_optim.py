@@ -11,12 +11,14 @@ from torch import nn
 
 from nanopalm.config import build_config
 from nanopalm.errors import UserError
+from nanopalm.model import FusedLinear
 from nanopalm.optim import (
     OptimConfig,
     PaLMAdafactor,
     apply_schedule,
     build_optimizer,
     lr_at,
+    matrix_layouts,
     micro_steps_at,
 )
 
@@ -270,3 +272,37 @@ def test_defaults_are_valid_and_paper_recipe_is_valid():
         weight_decay_mode="lr_squared",
         grad_clip=1.0,
     )
+
+
+def test_adafactor_steps_a_fused_projection_as_its_separate_matrices():
+    """T5X keeps Adafactor's statistics per matrix: q, k, v, gate and up fused in one weight take the very
+    steps they would take as five parameters (parameter scaling and update clipping per matrix)."""
+    torch.manual_seed(0)
+    splits = {"q": 8, "k": 4, "v": 4, "gate": 16, "up": 16}
+    fused = FusedLinear(6, splits, bias=False)
+    with torch.no_grad():  # matrices of very different sizes, so shared statistics would show
+        for i, rows in enumerate(fused.weight.split(list(splits.values()))):
+            rows.mul_(10.0 ** (i - 2))
+    separate = [nn.Parameter(rows.clone()) for rows in fused.weight.detach().split(list(splits.values()))]
+    opt_fused = PaLMAdafactor([fused.weight], lr=0.05, layouts=matrix_layouts(fused))
+    opt_separate = PaLMAdafactor(separate, lr=0.05)
+    assert opt_fused.layouts[fused.weight].splits == (8, 4, 4, 16, 16)
+    for step in range(4):
+        grads = [(1 + step) * torch.randn_like(p) * 10.0 ** -i for i, p in enumerate(separate)]
+        fused.weight.grad = torch.cat(grads)
+        for p, g in zip(separate, grads, strict=True):
+            p.grad = g.clone()
+        opt_fused.step()
+        opt_separate.step()
+        assert torch.equal(fused.weight.detach(), torch.cat([p.detach() for p in separate])), step
+
+    # Statistics over the whole fused tensor (what PaLMAdafactor did before) take another first step.
+    start = fused.weight.detach().clone()
+    per_matrix, whole = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+    opt_per_matrix = PaLMAdafactor([per_matrix], lr=0.05, layouts={per_matrix: opt_fused.layouts[fused.weight]})
+    opt_whole = PaLMAdafactor([whole], lr=0.05)
+    per_matrix.grad, whole.grad = fused.weight.grad.clone(), fused.weight.grad.clone()
+    opt_per_matrix.step()
+    opt_whole.step()
+    k_rows = slice(8, 12)  # k: the smallest matrix, whose step the MLP rows would set if shared
+    assert not torch.allclose(whole[k_rows] - start[k_rows], per_matrix[k_rows] - start[k_rows], rtol=0.5)

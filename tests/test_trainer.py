@@ -2,13 +2,20 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RUN
 from safetensors.torch import load_file
 
 from nanopalm import checkpoint as ckpt
 from nanopalm.trainer import Trainer, train
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def metrics(run_dir) -> list[dict]:
@@ -66,27 +73,74 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_run, tmp_path)
     assert losses("straight") == losses("stopped")
 
 
-def test_a_loss_spike_rolls_back_and_skips_batches(tiny_run, tmp_path):
-    cfg = tiny_run(max_iters=30, eval_interval=10, spike_factor=3.0, spike_skip=7)
-    trainer = Trainer(cfg)
+def spike_at(trainer: Trainer, step: int, factor: float = 100.0) -> None:
+    """Multiply the loss of the first attempt at `step` by `factor`: a spike far above the running median."""
     forward = trainer.model.forward
     injected = []
 
     def spiking_forward(x, y=None):
         out = forward(x, y)
-        if y is not None and trainer.state.step == 15 and not injected:
-            injected.append(trainer.state.step)
-            out = out._replace(loss=out.loss * 100)  # a spike far above the running median
+        if y is not None and trainer.state.step == step and not injected:
+            injected.append(step)
+            out = out._replace(loss=out.loss * factor)
         return out
 
     trainer.model.forward = spiking_forward
+
+
+def assert_steps_never_run_backwards(rows: list[dict]) -> None:
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(steps), steps
+
+
+def test_a_loss_spike_rolls_back_and_skips_batches(tiny_run, tmp_path):
+    trainer = Trainer(tiny_run(max_iters=30, eval_interval=10, spike_factor=3.0, spike_skip=7))
+    spike_at(trainer, 15)
     trainer.train()
     rows = metrics(tmp_path / "run")
     (event,) = [r for r in rows if r.get("event") == "loss_spike"]
-    assert event["step"] == 15 and event["rolled_back_to"] == 10
+    assert event["spike_step"] == 15 and event["step"] == 10  # back to the newest checkpoint
     assert event["data_offset"] == 15 + 7 - 10  # step 10 now reads the batch after the skipped ones
+    assert event["skipped_data_steps"] == [10, 22]  # data steps 10..21 are never trained on
     assert trainer.state.step == 30 and trainer.state.data_offset == 12
     assert all(math.isfinite(r["train_loss"]) and r["train_loss"] < 10 for r in rows if "train_loss" in r)
+    assert_steps_never_run_backwards(rows)
+    assert [r["step"] for r in rows if "train_loss" in r] == list(range(1, 31))  # each step once
+
+
+def test_rollback_points_go_back_about_distance_steps_as_palm_did(tiny_run, tmp_path):
+    """PaLM Section 5.1: restart ~100 steps before the spike, skip 200-500 batches. Scaled down: a point every
+    5 steps, at least 10 back, 12 batches skipped past the spike; checkpoints after the point are dropped."""
+    trainer = Trainer(tiny_run(max_iters=40, eval_interval=10, rollback_interval=5, rollback_distance=10,
+                               spike_skip=12))
+    spike_at(trainer, 27)
+    trainer.train()
+    rows = metrics(tmp_path / "run")
+    (event,) = [r for r in rows if r.get("event") == "loss_spike"]
+    assert (event["spike_step"], event["step"]) == (27, 15)  # the newest point at least 10 steps back
+    assert event["skipped_data_steps"] == [15, 27 + 12]  # 24 batches skipped from the restart, the spike's too
+    assert trainer.state.step == 40 and trainer.state.data_offset == 24
+    assert_steps_never_run_backwards(rows)
+    assert [r["step"] for r in rows if "train_loss" in r] == list(range(1, 41))
+    # The checkpoint of step 20 (abandoned path) was replaced by the new path's, at 20, 30 and 40.
+    for step in (20, 30, 40):
+        assert ckpt.verify_checkpoint(ckpt.checkpoint_dir(tmp_path / "run", step)).train_state().data_offset == 24
+
+
+def test_an_in_memory_rollback_point_restores_exactly_what_a_checkpoint_does(tiny_run, tmp_path):
+    """Rolled back to step 20 from memory or from the checkpoint of step 20: bitwise the same run after."""
+    common = dict(max_iters=30, eval_interval=10, spike_skip=5, dropout=0.1, optimizer="adafactor",
+                  learning_rate=1e-2, lr_schedule="palm", weight_decay_mode="lr_squared")
+    runs = {"disk": tiny_run("disk", **common), "memory": tiny_run("memory", **common, rollback_interval=4,
+                                                                  rollback_distance=5)}
+    for name, cfg in runs.items():
+        trainer = Trainer(cfg)
+        spike_at(trainer, 26)
+        trainer.train()
+        (event,) = [r for r in metrics(tmp_path / name) if r.get("event") == "loss_spike"]
+        assert event["step"] == 20, name
+    a, b = final_weights(tmp_path / "disk"), final_weights(tmp_path / "memory")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_nan_gradient_never_reaches_the_weights(tiny_run, tmp_path):
@@ -143,3 +197,17 @@ def test_mfu_counts_the_whole_step_against_all_ranks_peak(tiny_run, tmp_path):
     trainer._log_train(loss=4.0, grad_norm=1.0, lr=1e-3, seconds=0.5, step_tokens=1000)  # 2,000 tokens/s in all
     (row,) = metrics(tmp_path / "run")
     assert row["mfu"] == pytest.approx(trainer.flops_per_token * 2000 / 2e12)
+
+
+def test_the_seeds_own_command_line_runs_as_written(char_dataset, tmp_path):
+    """`python train.py config/my_run.json --compile=False`, nanoGPT's and the seed's way to run a config."""
+    my_run = tmp_path / "my_run.json"
+    values = {**TINY_RUN, "dataset": str(char_dataset), "out_dir": str(tmp_path / "out"), "max_iters": 4,
+              "eval_interval": 4}
+    del values["compile"]
+    my_run.write_text(json.dumps(values))
+    result = subprocess.run([sys.executable, "train.py", str(my_run), "--compile=False"], cwd=REPO, text=True,
+                            capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert ckpt.find_checkpoint(tmp_path / "out").step == 4
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["compile"] is False
