@@ -186,7 +186,8 @@ class PaLMAdafactor(torch.optim.Optimizer):
         torch._foreach_mul_(vs, beta2)
         torch._foreach_addcmul_(vs, grads, grads, value=1.0 - beta2)
         torch._foreach_add_(vs, (1.0 - beta2) * group["eps1"])
-        updates = torch._foreach_div(grads, torch._foreach_sqrt(vs))  # u = g / sqrt(v)
+        updates = torch._foreach_rsqrt(vs)  # u = g / sqrt(v), as g * rsqrt(v): no division pass
+        torch._foreach_mul_(updates, grads)
         # RMS of each logical matrix, of the update and of the parameter (docs/OPTIM.md).
         rms_u, rms_p = self._matrix_rms(params, updates, local)
         # Update clipping caps the update's RMS (a guard against a stale v after a spike); parameter

@@ -1,5 +1,6 @@
 """The training loop: loss falls, accumulation is exact, resume is bitwise, spikes roll back, finetuning."""
 
+import contextlib
 import json
 import math
 import os
@@ -13,6 +14,7 @@ from conftest import TINY_RUN
 from safetensors.torch import load_file
 
 from nanopalm import checkpoint as ckpt
+from nanopalm import distributed as D
 from nanopalm.trainer import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,3 +213,31 @@ def test_the_seeds_own_command_line_runs_as_written(char_dataset, tmp_path):
     assert result.returncode == 0, result.stderr
     assert ckpt.find_checkpoint(tmp_path / "out").step == 4
     assert json.loads((tmp_path / "out" / "config.json").read_text())["compile"] is False
+
+
+def test_a_step_syncs_the_host_once_and_runs_one_collective(tiny_run, monkeypatch):
+    """Under torchrun the loss, the grad norm and the stop flags (max_minutes, signals) share ONE all-reduce,
+    and the step waits for the device once. Mocked as 2 ranks in this process (the collective is the mock)."""
+    trainer = Trainer(tiny_run(gradient_accumulation_steps=2, optimizer="adafactor", learning_rate=1e-2,
+                               lr_schedule="palm", weight_decay_mode="lr_squared"))
+    trainer.train_step()  # the optimizer state exists from here on
+    counts = {"collectives": 0, "host syncs": 0}
+
+    def all_reduce_sum(values, info):
+        counts["collectives"] += 1
+        return values * info.world_size  # two ranks with the same values
+
+    def counted(method):
+        def wrapper(self, *args, **kwargs):
+            counts["host syncs"] += 1
+            return method(self, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(trainer, "dist", D.DistInfo(rank=0, local_rank=0, world_size=2))
+    monkeypatch.setattr(D, "all_reduce_sum", all_reduce_sum)
+    monkeypatch.setattr(D, "no_grad_sync", lambda model, info, last: contextlib.nullcontext())
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    trainer.train_step()
+    assert counts == {"collectives": 1, "host syncs": 1}
+    assert trainer.state.step == 2 and not trainer.stopping
