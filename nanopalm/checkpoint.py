@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from nanopalm import distributed as D
 from nanopalm.config import RunConfig, config_from_dict
 from nanopalm.errors import UserError
+from nanopalm.faults import fault_point
 from nanopalm.model import PaLM
 
 FORMAT_VERSION = 2
@@ -273,6 +274,7 @@ def write_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tens
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / MODEL_FILE)
+        fault_point("checkpoint_write")
         with open(tmp / TRAINER_FILE, "wb") as f:  # a Python file: a full disk surfaces as OSError(ENOSPC)
             torch.save(trainer_state, f)
         files = {name: _sha256(tmp / name) for name in (MODEL_FILE, TRAINER_FILE)}

@@ -26,6 +26,7 @@ from nanopalm.config import RunConfig
 from nanopalm.data import BatchLoader, load_meta, resolve_dataset
 from nanopalm.device import pick_device, pick_precision
 from nanopalm.errors import Interrupted, UserError
+from nanopalm.faults import fault_point
 from nanopalm.metrics import MetricsLogger, gpu_peak_flops, mfu
 from nanopalm.model import PaLM
 from nanopalm.optim import apply_schedule, build_optimizer, micro_steps_at
@@ -169,6 +170,7 @@ class Trainer:
     def train_step(self) -> None:
         t, o = self.cfg.train, self.cfg.optim
         tick = time.perf_counter()
+        fault_point("train_step")
         step = self.state.step
         lr = apply_schedule(self.optimizer, step, o)
         micro_steps = micro_steps_at(step, t.gradient_accumulation_steps, o.batch_ramp)

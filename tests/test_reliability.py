@@ -137,3 +137,21 @@ def test_a_resumed_run_keeps_each_step_once_in_its_metrics(tmp_path):
     assert lines == rows[:4] + [{"step": 3, "train_loss": 3.9}]
     MetricsLogger(tmp_path, True, False, "", {}).close()  # a new run in the same directory starts afresh
     assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_a_kill_inside_a_checkpoint_write_leaves_the_older_checkpoints_loadable(char_dataset, tmp_path, reference):
+    """Deterministic fault injection (nanopalm/faults.py): SIGKILL in the middle of the third checkpoint write,
+    after its weights are on disk and before anything is renamed."""
+    out = tmp_path / "run"
+    killed = subprocess.run(command(char_dataset, out), cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**ENV, "NANOPALM_FAULT": "checkpoint_write:kill:3"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert checkpoint_steps(out) == [0, 5]  # step 10 never got its final name
+    assert (out / "checkpoints" / "step_00000010.tmp" / ckpt.MODEL_FILE).is_file()  # it was mid-write
+    assert ckpt.find_checkpoint(out).step == 5
+    for step in (0, 5):
+        ckpt.verify_checkpoint(ckpt.checkpoint_dir(out, step))
+    run_to_the_end(char_dataset, out)
+    assert not list((out / "checkpoints").glob("*.tmp"))  # the leftover was cleaned up by the next save
+    weights = final_weights(out)
+    assert all(torch.equal(weights[k], reference[k]) for k in reference)

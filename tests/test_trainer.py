@@ -63,8 +63,17 @@ def test_gradient_accumulation_gives_the_same_gradient(tiny_run):
     assert any(g.abs().max() > 1e-3 for g in grads[0].values())
 
 
-def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_run, tmp_path):
-    common = dict(dropout=0.1, max_iters=40, eval_interval=10)
+PAPER_RECIPE = dict(optimizer="adafactor", learning_rate=1e-2, lr_schedule="palm", palm_constant_steps=10,
+                    weight_decay_mode="lr_squared", z_loss=1e-4)  # the default run's recipe (PaLM Section 5)
+
+
+@pytest.mark.parametrize("recipe", [
+    dict(),  # AdamW, cosine
+    PAPER_RECIPE,  # Adafactor, palm schedule, lr^2 decay, z-loss
+    {**PAPER_RECIPE, "dtype": "bfloat16"},  # ... under bf16 autocast, as the default run on a CPU with fast bf16
+], ids=["adamw-fp32", "paper-fp32", "paper-bf16"])
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_run, tmp_path, recipe):
+    common = dict(dropout=0.1, max_iters=40, eval_interval=10, **recipe)
     train(tiny_run("straight", **common))
     train(tiny_run("stopped", **{**common, "max_iters": 20}))
     train(tiny_run("stopped", **common, resume=True))
@@ -241,3 +250,75 @@ def test_a_step_syncs_the_host_once_and_runs_one_collective(tiny_run, monkeypatc
     trainer.train_step()
     assert counts == {"collectives": 1, "host syncs": 1}
     assert trainer.state.step == 2 and not trainer.stopping
+
+
+def test_fp16_skips_overflowing_steps_counts_them_as_t5x_does_and_resumes_with_the_scaler(tiny_run, tmp_path):
+    """fp16 with a GradScaler through the real trainer: an overflow at step 6 is skipped by the scaler (weights
+    unchanged, scale halved), the step still counts, Adafactor's global k follows the trainer's step, and a run
+    resumed from step 10 (scaler state included) is bitwise the uninterrupted one."""
+    common = dict(PAPER_RECIPE, dtype="float16", spike_factor=0, max_iters=20, eval_interval=10)
+
+    def run(name: str, **overrides) -> Trainer:
+        trainer = Trainer(tiny_run(name, **{**common, **overrides}))
+        spike_at(trainer, 6, factor=1e5)  # finite loss, but its fp16 gradients overflow
+        train_step, seen = trainer.train_step, {}
+
+        def watched_train_step():
+            before = ([p.detach().clone() for p in trainer.raw_model.parameters()], trainer.scaler.get_scale())
+            train_step()
+            if trainer.state.step == 7 and "skipped" not in seen:
+                after = [p.detach() for p in trainer.raw_model.parameters()]
+                seen["skipped"] = all(torch.equal(a, b) for a, b in zip(before[0], after, strict=True))
+                seen["scale"] = (before[1], trainer.scaler.get_scale())
+
+        trainer.train_step = watched_train_step
+        trainer.train()
+        trainer.seen = seen
+        return trainer
+
+    straight = run("straight")
+    assert straight.seen["skipped"] and straight.seen["scale"][1] == straight.seen["scale"][0] / 2
+    assert straight.precision.grad_scaler and straight.state.step == 20
+    assert all(g["step"] == straight.state.step for g in straight.optimizer.param_groups)
+    run("stopped", max_iters=10)
+    resumed = Trainer(tiny_run("stopped", **common, resume=True))
+    assert resumed.scaler.get_scale() == straight.seen["scale"][1]  # the halved scale came back with the run
+    resumed.train()
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_nan_gradient_with_a_finite_loss_is_rolled_back(tiny_run, tmp_path):
+    """Not only a NaN loss: a NaN in one gradient (the loss finite) must take the spike path too."""
+    trainer = Trainer(tiny_run(max_iters=14, eval_interval=5))
+    weight = trainer.raw_model.blocks[0].in_proj.weight
+    poisoned = []
+
+    def poison(grad):
+        if trainer.state.step == 7 and not poisoned:
+            poisoned.append(7)
+            return grad.index_fill(0, torch.tensor([0]), float("nan"))
+        return grad
+
+    weight.register_hook(poison)
+    trainer.train()
+    rows = metrics(tmp_path / "run")
+    (event,) = [r for r in rows if r.get("event") == "loss_spike"]
+    assert event["spike_step"] == 7 and math.isfinite(event["loss"]) and not math.isfinite(event["grad_norm"])
+    assert trainer.state.rollbacks == 1 and trainer.state.step == 14
+    assert all(torch.isfinite(t).all() for t in final_weights(tmp_path / "run").values())
+
+
+@pytest.mark.slow
+def test_a_compiled_run_checkpoints_plain_names_and_samples(tiny_run, tmp_path, capsys):
+    """torch.compile through the real trainer (its blocks compiled in place): it trains, its checkpoint has no
+    `_orig_mod.` keys and loads into an eager model that computes the same loss, and sampling works."""
+    cfg = tiny_run(compile=True, max_iters=6, eval_interval=3, sample_tokens=12, n_layer=1)
+    result = train(cfg)
+    assert "--- a sample from the model at step 6 ---" in capsys.readouterr().out
+    weights = final_weights(tmp_path / "run")
+    assert not any("_orig_mod" in k for k in weights)
+    eager, found = ckpt.load_model(tmp_path / "run", prefer_best=False)
+    trainer = Trainer(tiny_run("eager_eval", n_layer=1, init_from=str(tmp_path / "run")))
+    assert trainer.evaluate() == pytest.approx(result["val_loss"], rel=1e-5)
+    assert found.step == 6 and eager.config.n_layer == 1
