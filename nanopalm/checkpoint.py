@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from nanopalm import distributed as D
 from nanopalm.config import RunConfig, config_from_dict
-from nanopalm.errors import UserError
+from nanopalm.errors import UserError, out_of_memory
 from nanopalm.faults import fault_point
 from nanopalm.model import PaLM
 
@@ -289,7 +289,7 @@ def write_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tens
         _fsync(final.parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (OSError, RuntimeError, SafetensorError)):
+        if isinstance(e, (OSError, RuntimeError, SafetensorError)) and not out_of_memory(e):
             raise UserError(f"cannot write checkpoint {final} ({_write_failure(e)}): the previous checkpoints "
                             "are intact; free space on that disk (or fix its permissions), then continue with "
                             "--resume") from None
