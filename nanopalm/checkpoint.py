@@ -49,6 +49,7 @@ class TrainState:
     data_offset: int = 0  # step s reads data step s + data_offset (batches skipped after loss spikes)
     rollbacks: int = 0  # loss-spike rollbacks so far
     best_val: float = math.inf  # lowest val loss so far
+    seconds: float = 0.0  # wall time in the training loop, over every attempt (what max_minutes counts)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,8 @@ class TrainConfig:
     init_from: str = field(default="", metadata={"help": "finetune from this run dir or checkpoint ('' = scratch)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in out_dir from its newest checkpoint"})
     max_iters: int = field(default=5000, metadata={"help": "optimizer steps to train for"})
-    max_minutes: float = field(default=0.0, metadata={"help": "stop (and save) after this many minutes; 0 = off"})
+    max_minutes: float = field(
+        default=0.0, metadata={"help": "stop (and save) after this many minutes of training (resumes too); 0 = off"})
     eval_interval: int = field(default=250, metadata={"help": "evaluate and checkpoint every this many steps"})
     eval_iters: int = field(default=20, metadata={"help": "val batches per evaluation (the same ones each time)"})
     log_interval: int = field(default=10, metadata={"help": "console/metrics line every this many steps"})

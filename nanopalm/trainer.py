@@ -125,7 +125,7 @@ class Trainer:
         self.rollback_points = RollbackPoints(t.rollback_interval, t.rollback_distance)
         self.stop = GracefulStop()  # installed by train(): SIGTERM / Ctrl-C end the run with a checkpoint
         self.stopping = False  # set when a rank's time is up or a rank was signalled
-        self.started = time.perf_counter()
+        self.iteration_started = time.perf_counter()
         if self.dist.is_main:
             write_atomic(self.out_dir / "config.json", json.dumps(self.cfg.to_dict(), indent=2).encode())
             self.tokenizer.save(self.out_dir)  # the run directory is self-contained for sampling
@@ -142,14 +142,15 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
     def train(self) -> dict:
         t = self.cfg.train
-        self.started = time.perf_counter()
         last_eval: dict = {}
         profiler = self._profiler()
         while self.state.step < t.max_iters and not self.stopping:
+            self.iteration_started = time.perf_counter()
             if self.state.step % t.eval_interval == 0 and self.state.step != self.saved_step:
                 last_eval = self.evaluate_and_checkpoint()
             self.rollback_points.keep(self.state, self.raw_model, self.optimizer, self.scaler)
             self.train_step()
+            self.state.seconds += time.perf_counter() - self.iteration_started
             if profiler is not None:
                 profiler.step()
         if profiler is not None:
@@ -210,7 +211,7 @@ class Trainer:
         sync of a step. Under torchrun the stop flags ride on the same all-reduce as the loss, so every rank
         stops at the same step when any rank's max_minutes is up or any rank got SIGTERM / Ctrl-C."""
         minutes = self.cfg.train.max_minutes
-        time_up = minutes > 0 and time.perf_counter() - self.started > 60 * minutes
+        time_up = minutes > 0 and self.seconds_trained() > 60 * minutes
         flags = torch.tensor([float(time_up), float(self.stop.signum is not None)])
         stats = torch.cat([torch.stack([loss_sum.float(), grad_norm.float()]), flags.to(self.device)])
         loss, norm, time_up, signalled = D.all_reduce_sum(stats, self.dist).tolist()
@@ -220,10 +221,15 @@ class Trainer:
         world = self.dist.world_size  # every rank holds the same global grad norm
         return loss / world, norm / world
 
+    def seconds_trained(self) -> float:
+        """Wall time in the training loop so far, every attempt of this run included (TrainState.seconds)."""
+        return self.state.seconds + time.perf_counter() - self.iteration_started
+
     def _log_train(self, loss: float, grad_norm: float, lr: float, seconds: float, step_tokens: int) -> None:
         tokens_per_s = step_tokens / seconds
-        row = {"step": self.state.step, "tokens": self.state.tokens, "train_loss": loss, "lr": lr,
-               "grad_norm": grad_norm, "ms_per_step": 1000 * seconds, "tokens_per_s": tokens_per_s}
+        row = {"step": self.state.step, "tokens": self.state.tokens, "seconds": self.seconds_trained(),
+               "train_loss": loss, "lr": lr, "grad_norm": grad_norm, "ms_per_step": 1000 * seconds,
+               "tokens_per_s": tokens_per_s}
         line = (f"step {self.state.step:6d} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:.2f} | "
                 f"{1000 * seconds:.0f} ms/step | {tokens_per_s:,.0f} tok/s")
         if self.peak_flops:
@@ -250,7 +256,8 @@ class Trainer:
         self.checkpointer.discard_after(restored.step)
         # Resume the data stream spike_skip batches past the spike: step s now reads data step s + offset.
         offset = spike_data_step + self.cfg.train.spike_skip - restored.step
-        self.state = dataclasses.replace(restored, rollbacks=rollbacks, data_offset=offset)
+        # Time spent stays spent: max_minutes counts the abandoned steps too.
+        self.state = dataclasses.replace(restored, rollbacks=rollbacks, data_offset=offset, seconds=self.state.seconds)
         self.saved_step = restored.step  # a point at an eval step is kept right after that step's checkpoint
         self.optimizer.zero_grad(set_to_none=True)
         self.spikes.clear()
@@ -284,7 +291,8 @@ class Trainer:
         val_loss = self.evaluate()
         val_bpb = val_loss / math.log(2) / self.data_meta["bytes_per_token_val"]
         self.state.best_val = min(self.state.best_val, val_loss)
-        row = {"step": self.state.step, "tokens": self.state.tokens, "val_loss": val_loss, "val_bpb": val_bpb}
+        row = {"step": self.state.step, "tokens": self.state.tokens, "seconds": self.seconds_trained(),
+               "val_loss": val_loss, "val_bpb": val_bpb}
         self.logger.log(row)
         if self.dist.is_main:
             print(f"step {self.state.step:6d} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f}", flush=True)
