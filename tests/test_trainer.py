@@ -322,3 +322,13 @@ def test_a_compiled_run_checkpoints_plain_names_and_samples(tiny_run, tmp_path, 
     trainer = Trainer(tiny_run("eager_eval", n_layer=1, init_from=str(tmp_path / "run")))
     assert trainer.evaluate() == pytest.approx(result["val_loss"], rel=1e-5)
     assert found.step == 6 and eager.config.n_layer == 1
+
+
+def test_max_minutes_counts_the_training_time_of_earlier_attempts(tiny_run, tmp_path, capsys):
+    train(tiny_run(max_iters=10, eval_interval=5))
+    saved = ckpt.find_checkpoint(tmp_path / "run").train_state().seconds
+    assert 0 < saved < 60  # the training loop's wall time went into the checkpoint
+    trainer = Trainer(tiny_run(max_iters=40, eval_interval=5, resume=True, max_minutes=saved / 60 + 1e-9))
+    assert trainer.state.seconds == saved
+    trainer.train()  # the budget is all but spent: one more step, then stop and save
+    assert trainer.state.step == 11 and "max_minutes=" in capsys.readouterr().out
