@@ -106,3 +106,10 @@ def pick_precision(name: str, device: torch.device, sharded: bool = False, tf32:
         raise UserError("--fsdp=True trains in bfloat16 or float32, not float16 (its loss scaling would have to "
                         "be sharded too): use --dtype=float32, or DDP (--fsdp=False)")
     return Precision(dtype, sharded)
+
+
+def inference_precision(name: str, device: torch.device) -> Precision:
+    """Sampling and evaluation. `auto`: bf16 autocast on CUDA (the weights stay fp32; flash and cuDNN attention
+    take only bf16/fp16), fp32 elsewhere, even on a CPU whose bf16 is fast: inference is cheap there, and fp32
+    numbers are reproducible."""
+    return pick_precision("float32" if name == "auto" and device.type != "cuda" else name, device)

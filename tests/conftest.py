@@ -26,7 +26,7 @@ TINY_RUN = dict(
     gradient_accumulation_steps=1, max_iters=40, max_minutes=0, eval_interval=20, eval_iters=4, log_interval=1,
     optimizer="adamw", learning_rate=3e-3, lr_schedule="cosine", warmup_iters=5, lr_decay_iters=200, min_lr=3e-4,
     palm_constant_steps=10000, weight_decay_mode="decoupled", grad_clip=1.0,
-    device="cpu", dtype="float32", compile="false", sample_tokens=0,
+    device="cpu", dtype="float32", compile="false", sample_tokens=0, full_val_tokens=0,
 )
 # Tests run tiny runs both in-process (build_config: dataclass defaults) and through `python train.py`
 # (the default preset first): overriding every key of that preset makes the two the same run.
