@@ -247,7 +247,7 @@ def run_tasks(lm: NanoPalmLM, names: list[str], manager, num_fewshot: int | None
     from lm_eval.utils import handle_non_serializable, make_table
 
     results = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                              log_samples=False, batch_size=lm.batch_size)
+                              log_samples=False, batch_size=lm.batch_size, device=str(lm.device))
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))
