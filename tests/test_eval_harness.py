@@ -15,6 +15,7 @@ from test_generate import load_sample_script
 
 from nanopalm.errors import UserError
 from nanopalm.harness import NanoPalmLM, generation_settings
+from nanopalm.shakespeare import load_passages, split_passages
 from nanopalm.shakespeare_tasks import NEXT_LINE, SPEAKER, write_tasks
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -146,6 +147,24 @@ def test_generation_settings_are_checked():
         generation_settings({"num_beams": 4})
     with pytest.raises(UserError, match="max_gen_toks=0 must be a positive integer"):
         generation_settings({"max_gen_toks": 0})
+
+
+def test_the_shakespeare_tasks_come_from_the_val_scenes_and_are_reproducible(tmp_path):
+    write_tasks(tmp_path / "a", docs=5)
+    write_tasks(tmp_path / "b", docs=5)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert len(files) == 6 and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+                                   for f in files if f.endswith(".jsonl"))
+    val = "".join(split_passages(load_passages())[1])
+
+    def docs(name: str) -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / "a" / f"{name}.test.jsonl").read_text().splitlines()]
+
+    for doc in docs(NEXT_LINE):
+        lines = [doc["context"] + choice + "\n" in val for choice in doc["choices"]]
+        assert len(doc["choices"]) == 4 and lines == [i == doc["label"] for i in range(4)]  # one true next line
+    for doc in docs(SPEAKER):
+        assert doc["context"] + doc["speaker"] + ":\n" in val
 
 
 @pytest.mark.slow
