@@ -1,0 +1,33 @@
+"""scripts/: the helpers that regenerate figures of the docs."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from nanopalm.data import SplitStats, write_meta, write_token_file
+from nanopalm.tokenizer import CharTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_baselines_are_uniform_and_add_one_unigram(tmp_path):
+    tok = CharTokenizer("ab")  # a, b and the end-of-document token: 3 ids
+    write_token_file(tmp_path / "train.bin", [0, 0, 0, 1], 3, tok.name)  # counts+1: a 4, b 2, eot 1
+    write_token_file(tmp_path / "val.bin", [0, 1], 3, tok.name)
+    tok.save(tmp_path)
+    write_meta(tmp_path, tok, "test", SplitStats(1, 4, 4), SplitStats(1, 2, 4))  # 2 bytes per val token
+    script("baselines").main([str(tmp_path), str(tmp_path / "out.json")])
+    result = json.loads((tmp_path / "out.json").read_text())
+    unigram = -(math.log(4 / 7) + math.log(2 / 7)) / 2
+    assert result["nats_per_token"] == pytest.approx({"uniform": math.log(3), "unigram": unigram})
+    assert result["bits_per_byte"]["unigram"] == pytest.approx(unigram / math.log(2) / 2)
