@@ -12,6 +12,7 @@ ranks or on one process.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
@@ -21,8 +22,10 @@ from torch import nn
 
 from nanopalm.device import Precision
 from nanopalm.errors import UserError
+from nanopalm.model import PaLM, PaLMConfig
 
 # FSDP2 and torch.distributed.checkpoint take a second to import: only the FSDP2 paths import them.
+_WRAPPED = "_checkpoint_wrapped_module."  # torch's checkpoint_wrapper puts it in named_parameters()
 
 
 @dataclass(frozen=True)
@@ -77,25 +80,72 @@ def job_id() -> str | None:
     return os.environ.get("TORCHELASTIC_RUN_ID")
 
 
-# ---- compiling and wrapping ----------------------------------------------------------------------
+# ---- building, checkpointing, compiling and wrapping ----------------------------------------------
+def build_model(config: PaLMConfig, info: DistInfo, device: torch.device, precision: Precision, seed: int,
+                activation_checkpointing: str = "none", compile: bool = False) -> tuple[PaLM, nn.Module]:
+    """(the model, the module the training loop calls), in torchtitan's order: built on the meta device (no
+    memory at all), activation checkpointing, torch.compile per block, FSDP2 sharding; only then are the
+    parameters, FSDP2's shards, materialised on `device` and initialised there, so that no rank ever holds the
+    whole model. The init draws from `seed` as one process would (model.normal_): the same weights on any
+    number of ranks. DDP wraps last: it needs the real parameters. Build the optimizer on the model afterwards:
+    under FSDP2 it must hold the sharded (DTensor) parameters."""
+    with torch.device("meta"):
+        model = PaLM(config)
+    checkpoint_activations(model, activation_checkpointing)
+    if compile:
+        compile_blocks(model)
+    if info.sharded:
+        shard(model, precision)
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    model.init_weights()  # also rebuilds the RoPE tables, which to_empty left uninitialised
+    if not info.enabled or info.sharded:
+        return model, model
+    # The RoPE tables are constant buffers: nothing to broadcast before every forward. Gradients as views
+    # of the all-reduce buckets: one copy of them, not two (4 bytes a parameter less).
+    return model, nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+        gradient_as_bucket_view=True)
+
+
+def _selective_policy() -> list:
+    """The ops whose outputs selective checkpointing keeps: every matmul (with a bias: addmm) and the fused
+    attention kernels. The backward then recomputes only the cheap elementwise work, LayerNorm, RoPE,
+    SwiGLU, dropout, but no matmul (torch.utils.checkpoint's selective checkpoint policy)."""
+    aten = torch.ops.aten
+    return [aten.mm.default, aten.addmm.default, aten._scaled_dot_product_flash_attention.default,
+            aten._scaled_dot_product_efficient_attention.default, aten._scaled_dot_product_cudnn_attention.default,
+            aten._scaled_dot_product_flash_attention_for_cpu.default]
+
+
+def checkpoint_activations(model: PaLM, mode: str) -> None:
+    """Activation checkpointing of every block: `full` keeps only each block's input and recomputes its
+    forward in the backward; `selective` also keeps the matmul and attention outputs (_selective_policy);
+    `none` keeps everything. Blocks are wrapped as torchtitan wraps them (torch's checkpoint_wrapper, whose
+    state_dict keys stay the block's own); the RNG state is restored before the recomputation, so dropout
+    draws the very masks of the forward and the gradients are those of `none`."""
+    if mode == "none":
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    context = functools.partial(create_selective_checkpoint_contexts, _selective_policy())
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True,
+                                             **({"context_fn": context} if mode == "selective" else {}))
+
+
 def compile_blocks(model: nn.Module) -> None:
     """torch.compile each transformer block in place, as torchtitan does: parameter names are unchanged
-    (no `_orig_mod.` in checkpoints), and FSDP2's and DDP's hooks stay outside the compiled code."""
+    (no `_orig_mod.` in checkpoints), and FSDP2's and DDP's hooks stay outside the compiled code. After
+    activation checkpointing, so that the compiler sees the recomputation."""
     for block in model.blocks:
         block.compile()
 
 
-def parallelize(model: nn.Module, info: DistInfo, device: torch.device, precision: Precision) -> nn.Module:
-    """The module the training loop calls. One process: the model. Several: DistributedDataParallel around
-    it, or (info.sharded) the model itself sharded in place by FSDP2: one all-gather unit per block, and
-    the root (the embedding, which is also the tied output layer, and the final LayerNorm). Build the
-    optimizer after this: under FSDP2 it must hold the sharded (DTensor) parameters."""
-    if not info.enabled:
-        return model
-    if not info.sharded:
-        # The RoPE tables are constant buffers: nothing to broadcast before every forward.
-        return nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+def shard(model: nn.Module, precision: Precision) -> None:
+    """FSDP2 in place: one all-gather unit per block, and the root (the embedding, which is also the tied
+    output layer, and the final LayerNorm)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=precision.fsdp_param_dtype, reduce_dtype=torch.float32)
@@ -103,7 +153,6 @@ def parallelize(model: nn.Module, info: DistInfo, device: torch.device, precisio
         # The last block's weights are needed again at once by the backward: keep them gathered (torchtitan).
         fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(model.blocks) - 1)
     fully_shard(model, mp_policy=policy)
-    return model
 
 
 # ---- the step ------------------------------------------------------------------------------------
@@ -174,7 +223,8 @@ def scatter_model_state(model: nn.Module, state: dict[str, torch.Tensor], info: 
 
 def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """The name of each parameter in torch's optimizer numbering (0, 1, ... through the param groups)."""
-    names = {param: name for name, param in model.named_parameters()}
+    # The state_dict names: without the prefix of activation checkpointing's wrapper (checkpoint_activations).
+    names = {param: name.replace(_WRAPPED, "") for name, param in model.named_parameters()}
     return [names[p] for group in optimizer.param_groups for p in group["params"]]
 
 

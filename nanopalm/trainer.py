@@ -29,7 +29,6 @@ from nanopalm.data import BatchLoader, load_meta, resolve_dataset
 from nanopalm.device import pick_device, pick_precision
 from nanopalm.errors import Interrupted, UserError
 from nanopalm.metrics import MetricsLogger, gpu_peak_flops, mfu
-from nanopalm.model import PaLM
 from nanopalm.optim import apply_schedule, build_optimizer, micro_steps_at
 from nanopalm.plot import plot_runs
 from nanopalm.sampling import generate
@@ -97,12 +96,9 @@ class Trainer:
         if start is not None:
             self._check_tokenizer(start.checkpoint.meta)
 
-        torch.manual_seed(t.seed)
-        self.raw_model = PaLM(self.cfg.model).to(self.device)
-        if t.compile is True or (t.compile == "auto" and self.device.type == "cuda"):
-            D.compile_blocks(self.raw_model)
-        # Before the optimizer is built: under FSDP2 it holds the parameter shards (raw_model is sharded in place).
-        self.model = D.parallelize(self.raw_model, self.dist, self.device, self.precision)
+        compile_blocks = t.compile is True or (t.compile == "auto" and self.device.type == "cuda")
+        self.raw_model, self.model = D.build_model(self.cfg.model, self.dist, self.device, self.precision, t.seed,
+                                                   t.activation_checkpointing, compile_blocks)
         self.optimizer = build_optimizer(self.raw_model, self.cfg.optim, self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.grad_scaler)
         self.state = TrainState()
