@@ -187,6 +187,15 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return values
 
 
+def all_gather(value: object, info: DistInfo) -> list:
+    """Every rank's `value` (any picklable object), in rank order; [value] in one process."""
+    if not info.enabled:
+        return [value]
+    values: list = [None] * info.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
@@ -221,14 +230,16 @@ def scatter_model_state(model: nn.Module, state: dict[str, torch.Tensor], info: 
     set_model_state_dict(model, state, options=_full_state(saving=False))
 
 
-def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+def param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """The name of each parameter in torch's optimizer numbering (0, 1, ... through the param groups)."""
     # The state_dict names: without the prefix of activation checkpointing's wrapper (checkpoint_activations).
     names = {param: name.replace(_WRAPPED, "") for name, param in model.named_parameters()}
     return [names[p] for group in optimizer.param_groups for p in group["params"]]
 
 
-def _renumber(state: dict, key: dict) -> dict:
+def renumber_optimizer_state(state: dict, key: dict) -> dict:
+    """An optimizer state dict with each parameter's key (its state, its group entries) mapped through `key`:
+    torch's numbering (0, 1, ...) <-> parameter names (DCP's)."""
     return {"state": {key[k]: v for k, v in state["state"].items()},
             "param_groups": [{**g, "params": [key[k] for k in g["params"]]} for g in state["param_groups"]]}
 
@@ -242,8 +253,8 @@ def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, i
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     full = get_optimizer_state_dict(model, optimizer, options=_full_state(saving=True))  # keyed by parameter name
-    names = _param_names(model, optimizer)
-    return _renumber(full, {name: i for i, name in enumerate(names)}) if full else {}
+    names = param_names(model, optimizer)
+    return renumber_optimizer_state(full, {name: i for i, name in enumerate(names)}) if full else {}
 
 
 def scatter_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, info: DistInfo) -> None:
@@ -253,5 +264,5 @@ def scatter_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, 
         return
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    by_name = _renumber(state, dict(enumerate(_param_names(model, optimizer))))
+    by_name = renumber_optimizer_state(state, dict(enumerate(param_names(model, optimizer))))
     set_optimizer_state_dict(model, optimizer, by_name, options=_full_state(saving=False))

@@ -88,7 +88,7 @@ class Trainer:
         self.data_dir = prepared_dataset(t.dataset, self.dist)
         self.data_meta = load_meta(self.data_dir)
         self.tokenizer_sha256 = tokenizer_fingerprint(self.data_dir)  # read once: every checkpoint records it
-        self.checkpointer = Checkpointer(self.out_dir, t.keep_last, self.dist)
+        self.checkpointer = Checkpointer(self.out_dir, t.keep_last, self.dist, t.checkpoint_format)
         start = self.checkpointer.start_point(t.resume, t.init_from)
         self.cfg, overridden = effective_config(cfg, start)
         if overridden and self.dist.is_main:

@@ -1,5 +1,6 @@
-"""Two ranks on the CPU (torchrun, gloo): DDP and FSDP2 train exactly as one process with the same global
-batch, their checkpoints resume on one process, a killed rank is brought back from the last checkpoint."""
+"""Two ranks on the CPU (torchrun, gloo): DDP and FSDP2 start from the weights of one process and train
+exactly as one process with the same global batch, with activation checkpointing too; no rank holds the
+whole model; their checkpoints resume on one process; a killed rank is brought back from the last checkpoint."""
 
 import json
 import os
@@ -11,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_RUN
-from safetensors.torch import load_file
 
 from nanopalm import checkpoint as ckpt
 from nanopalm import distributed as D
+from nanopalm import sharded
 from nanopalm.config import build_config
 from nanopalm.errors import UserError
 from nanopalm.trainer import train
@@ -41,7 +42,8 @@ def losses(run_dir: Path) -> dict[int, tuple[float, float]]:
 
 
 def weights(run_dir: Path, step: int = 12) -> dict[str, torch.Tensor]:
-    return load_file(ckpt.checkpoint_dir(run_dir, step) / ckpt.MODEL_FILE)
+    """The weights of checkpoint `step`, whichever its format."""
+    return ckpt.read_weights(ckpt.verify_checkpoint(ckpt.checkpoint_dir(run_dir, step)))
 
 
 def max_difference(a: dict[int, tuple], b: dict[int, tuple], column: int = 0) -> float:
@@ -67,14 +69,28 @@ def launched(values: dict, out: Path, **flags) -> tuple[Path, subprocess.Complet
     return out, result
 
 
+# Activation checkpointing changes no number (tests/test_activation_checkpointing.py): both runs use it, so
+# that the comparisons with one process below hold for it under DDP and FSDP2 as well.
+FSDP = {"fsdp": True, "activation_checkpointing": "selective"}  # sharded checkpoints: the default under FSDP2
+
+
 @pytest.fixture(scope="module")
 def ddp(values, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    return launched(values, tmp_path_factory.mktemp("ddp"))
+    return launched(values, tmp_path_factory.mktemp("ddp"), activation_checkpointing="full")
 
 
 @pytest.fixture(scope="module")
 def fsdp(values, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    return launched(values, tmp_path_factory.mktemp("fsdp"), fsdp=True)
+    return launched(values, tmp_path_factory.mktemp("fsdp"), **FSDP)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_every_rank_starts_from_the_weights_of_one_process(mode, one_process, request):
+    """Built on the meta device and initialised shard by shard (FSDP2): bitwise the init of one process."""
+    out, _ = request.getfixturevalue(mode)
+    expected = weights(one_process, 0)
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in weights(out, 0).items())
+    assert (ckpt.checkpoint_dir(out, 0) / ckpt.SHARD_INDEX).is_file() == (mode == "fsdp")
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -100,10 +116,13 @@ def test_fsdp_in_bf16_runs_the_gpu_recipe(values, one_process, tmp_path):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_a_checkpoint_saved_by_two_ranks_resumes_on_one(mode, values, one_process, request, tmp_path):
+    """DDP's single-file checkpoint as is; FSDP2's sharded one both as is (DCP reshards 2 -> 1) and as
+    consolidated into the single-file layout (python -m nanopalm.checkpoint consolidate)."""
     saved = ckpt.checkpoint_dir(request.getfixturevalue(mode)[0], 6)
+    single = sharded.consolidate(saved, tmp_path / "consolidated") if mode == "fsdp" else saved
     # The same layout as one process writes: full weights, optimizer state numbered as torch numbers it.
     mine = torch.load(ckpt.checkpoint_dir(one_process, 6) / ckpt.TRAINER_FILE, weights_only=True)["optimizer"]
-    theirs = torch.load(saved / ckpt.TRAINER_FILE, weights_only=True)["optimizer"]
+    theirs = torch.load(single / ckpt.TRAINER_FILE, weights_only=True)["optimizer"]
     assert theirs["param_groups"] == mine["param_groups"]
     torch.testing.assert_close(theirs["state"], mine["state"], rtol=0, atol=1e-6)
 
@@ -119,7 +138,7 @@ def test_a_checkpoint_saved_by_two_ranks_resumes_on_one(mode, values, one_proces
 def test_a_killed_rank_is_brought_back_from_the_last_checkpoint(values, fsdp, tmp_path):
     """torchrun --max_restarts=1: rank 1 dies at step 9; both ranks restart and resume from step 6."""
     out = tmp_path / "elastic"
-    result = torchrun({**values, "out_dir": out, "fsdp": True}, ("tests/dying_train.py", "9"), ("--max_restarts=1",),
+    result = torchrun({**values, "out_dir": out, **FSDP}, ("tests/dying_train.py", "9"), ("--max_restarts=1",),
                       TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # see docs/DISTRIBUTED.md, "Elastic restarts"
     assert result.returncode == 0, result.stderr[-3000:]
     assert "exitcode: 13" in result.stderr  # the rank really died
