@@ -104,7 +104,7 @@ def build_model(config: PaLMConfig, info: DistInfo, device: torch.device, precis
     # The RoPE tables are constant buffers: nothing to broadcast before every forward. Gradients as views
     # of the all-reduce buckets: one copy of them, not two (4 bytes a parameter less).
     return model, nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+        model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
         gradient_as_bucket_view=True)
 
 
@@ -156,20 +156,13 @@ def shard(model: nn.Module, precision: Precision) -> None:
 
 
 # ---- the step ------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _fsdp_no_sync(model: nn.Module):
-    model.set_requires_gradient_sync(False)  # gradients accumulate unsharded, unreduced
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
-
-
 def no_grad_sync(model: nn.Module, info: DistInfo, last_micro_step: bool) -> contextlib.AbstractContextManager:
-    """Skip the gradient reduction (DDP all-reduce, FSDP2 reduce-scatter) on every micro-step but the last."""
-    if last_micro_step or not info.enabled:
+    """DDP: skip the all-reduce on every micro-step but the last (its gradients are whole on every rank
+    anyway). FSDP2 reduce-scatters every micro-step, as torchtitan does: skipping it would accumulate
+    whole, unsharded fp32 gradients on every rank (4 bytes a parameter), what sharding is there to avoid."""
+    if last_micro_step or not info.enabled or info.sharded:
         return contextlib.nullcontext()
-    return _fsdp_no_sync(model) if info.sharded else model.no_sync()
+    return model.no_sync()
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, info: DistInfo) -> torch.Tensor:

@@ -103,16 +103,22 @@ class _TensorsOnly(dcp.DefaultLoadPlanner):
 
 
 @contextlib.contextmanager
-def _one_process_is_intended() -> Iterator[None]:
-    """DCP warns on every call without a process group; here one process is a case as good as any other."""
+def _dcp() -> Iterator[None]:
+    """Around a DCP call. A failure on any rank comes as a CheckpointException (a BaseException) on every
+    rank: re-raised as the first failing rank's own exception (OSError(ENOSPC), our UserError, ...). And DCP
+    warns on every call without a process group, where one process is a case as good as any other."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
+        try:
+            yield
+        except CheckpointException as e:
+            failure = next(iter(e.failures.values()))[0]
+            raise failure if isinstance(failure, Exception) else RuntimeError(str(failure)) from None
 
 
 def _read(directory: Path, state: dict) -> None:
     """Fill `state`'s tensors (plain or DTensor shards, on any device) from the checkpoint, in place."""
-    with _one_process_is_intended():
+    with _dcp():
         dcp.load(state, storage_reader=_Reader(directory), planner=_TensorsOnly(), no_dist=not dist.is_initialized())
 
 
@@ -136,12 +142,8 @@ def state_to_save(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> d
 def write(directory: Path, state: dict) -> None:
     """Every rank writes its part of `state` into `directory` (one file per rank, then rank 0 the index).
     DCP writes each replicated tensor (DDP, one process) once, whichever rank holds it."""
-    try:
-        with _one_process_is_intended():
-            dcp.save(state, checkpoint_id=directory, no_dist=not dist.is_initialized())
-    except CheckpointException as e:  # a BaseException, on every rank: re-raise what failed, e.g. OSError(ENOSPC)
-        failure = next(iter(e.failures.values()))[0]
-        raise failure if isinstance(failure, Exception) else RuntimeError(str(failure)) from None
+    with _dcp():
+        dcp.save(state, checkpoint_id=directory, no_dist=not dist.is_initialized())
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -8,6 +8,7 @@ import torch
 
 from nanopalm.config import DEFAULT_PRESET, build_config, load_preset
 from nanopalm.shakespeare import prepare
+from nanopalm.trainer import train
 
 # One thread, here and in the processes tests start: tiny models gain nothing from a second one, and two
 # OpenMP threads spinning on two busy cores turn a 5 ms training step into a second.
@@ -42,3 +43,22 @@ def tiny_run(char_dataset, tmp_path):
         return build_config(values)
 
     return make
+
+
+# The run that two ranks (tests/test_distributed.py) and sharded checkpoints (tests/test_sharded.py) must
+# reproduce: 12 steps of 2 micro-batches of 8, checkpoints at 0, 6 and 12; dropout on, so that the masks must
+# depend neither on the number of ranks nor on activation checkpointing's recomputation.
+REFERENCE_RUN = {**TINY_RUN, "max_iters": 12, "eval_interval": 6, "gradient_accumulation_steps": 2, "dropout": 0.1}
+
+
+@pytest.fixture(scope="session")
+def reference_values(char_dataset) -> dict:
+    return {**REFERENCE_RUN, "dataset": str(char_dataset)}
+
+
+@pytest.fixture(scope="session")
+def one_process(reference_values, tmp_path_factory) -> Path:
+    """REFERENCE_RUN trained in this process, in the single-file format: its run directory."""
+    out = tmp_path_factory.mktemp("one_process")
+    train(build_config({**reference_values, "out_dir": str(out)}))
+    return out

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN
 
 from nanopalm import checkpoint as ckpt
 from nanopalm import distributed as D
@@ -21,16 +20,13 @@ from nanopalm.errors import UserError
 from nanopalm.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
-# 12 steps of 2 micro-batches of 8 (one per rank under torchrun), checkpoints at 0, 6, 12; dropout on, so
-# the masks must not depend on the number of ranks either.
-RUN = {**TINY_RUN, "max_iters": 12, "eval_interval": 6, "gradient_accumulation_steps": 2, "dropout": 0.1}
 
 
-def torchrun(values: dict, script: tuple[str, ...] = ("train.py",), launcher: tuple[str, ...] = (),
+def torchrun(values: dict, script: tuple[str, ...] = ("train.py",), launcher: tuple[str, ...] = (), nproc: int = 2,
              **env: str) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=2 [launcher] script --key=value ...`, one thread per rank."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *launcher,
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *launcher,
                *script, *(f"--{k}={v}" for k, v in values.items())]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
 
@@ -51,18 +47,6 @@ def max_difference(a: dict[int, tuple], b: dict[int, tuple], column: int = 0) ->
     return max(abs(a[k][column] - b[k][column]) for k in a)
 
 
-@pytest.fixture(scope="module")
-def values(char_dataset) -> dict:
-    return {**RUN, "dataset": str(char_dataset)}
-
-
-@pytest.fixture(scope="module")
-def one_process(values, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("one_process")
-    train(build_config({**values, "out_dir": str(out)}))
-    return out
-
-
 def launched(values: dict, out: Path, **flags) -> tuple[Path, subprocess.CompletedProcess]:
     result = torchrun({**values, "out_dir": out, **flags})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -75,13 +59,13 @@ FSDP = {"fsdp": True, "activation_checkpointing": "selective"}  # sharded checkp
 
 
 @pytest.fixture(scope="module")
-def ddp(values, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    return launched(values, tmp_path_factory.mktemp("ddp"), activation_checkpointing="full")
+def ddp(reference_values, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    return launched(reference_values, tmp_path_factory.mktemp("ddp"), activation_checkpointing="full")
 
 
 @pytest.fixture(scope="module")
-def fsdp(values, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    return launched(values, tmp_path_factory.mktemp("fsdp"), **FSDP)
+def fsdp(reference_values, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    return launched(reference_values, tmp_path_factory.mktemp("fsdp"), **FSDP)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -106,16 +90,16 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(mode, one_p
         torch.testing.assert_close(weights(out)[name], tensor, rtol=0, atol=1e-5)
 
 
-def test_fsdp_in_bf16_runs_the_gpu_recipe(values, one_process, tmp_path):
+def test_fsdp_in_bf16_runs_the_gpu_recipe(reference_values, one_process, tmp_path):
     """FSDP2's bf16 policy (bf16 all-gathers and compute, fp32 reduction, no autocast), as on CUDA, and the
     end-of-run sample, which under FSDP2 every rank takes part in."""
-    out, result = launched(values, tmp_path / "bf16", fsdp=True, dtype="bfloat16", sample_tokens=20)
+    out, result = launched(reference_values, tmp_path / "bf16", fsdp=True, dtype="bfloat16", sample_tokens=20)
     assert max_difference(losses(one_process), losses(out)) < 0.02  # from fp32: bf16 rounding, measured 0.004
     assert result.stdout.count("a sample from the model") == 1
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_a_checkpoint_saved_by_two_ranks_resumes_on_one(mode, values, one_process, request, tmp_path):
+def test_a_checkpoint_saved_by_two_ranks_resumes_on_one(mode, reference_values, one_process, request, tmp_path):
     """DDP's single-file checkpoint as is; FSDP2's sharded one both as is (DCP reshards 2 -> 1) and as
     consolidated into the single-file layout (python -m nanopalm.checkpoint consolidate)."""
     saved = ckpt.checkpoint_dir(request.getfixturevalue(mode)[0], 6)
@@ -128,17 +112,18 @@ def test_a_checkpoint_saved_by_two_ranks_resumes_on_one(mode, values, one_proces
 
     out = tmp_path / "resumed"
     shutil.copytree(saved, ckpt.checkpoint_dir(out, 6))
-    train(build_config({**values, "out_dir": str(out), "resume": True}))
+    train(build_config({**reference_values, "out_dir": str(out), "resume": True}))
     reference = {k: v for k, v in losses(one_process).items() if k > 6}
     assert max_difference(reference, losses(out)) < 1e-5
     for name, tensor in weights(one_process).items():
         torch.testing.assert_close(weights(out)[name], tensor, rtol=0, atol=1e-5)
 
 
-def test_a_killed_rank_is_brought_back_from_the_last_checkpoint(values, fsdp, tmp_path):
+def test_a_killed_rank_is_brought_back_from_the_last_checkpoint(reference_values, fsdp, tmp_path):
     """torchrun --max_restarts=1: rank 1 dies at step 9; both ranks restart and resume from step 6."""
     out = tmp_path / "elastic"
-    result = torchrun({**values, "out_dir": out, **FSDP}, ("tests/dying_train.py", "9"), ("--max_restarts=1",),
+    result = torchrun({**reference_values, "out_dir": out, **FSDP}, ("tests/dying_train.py", "9"),
+                      ("--max_restarts=1",),
                       TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # see docs/DISTRIBUTED.md, "Elastic restarts"
     assert result.returncode == 0, result.stderr[-3000:]
     assert "exitcode: 13" in result.stderr  # the rank really died
@@ -162,8 +147,8 @@ def test_a_restart_continues_only_its_own_job(fsdp, monkeypatch):
         checkpointer.start_point(resume=False, init_from="")  # an earlier run in out_dir still needs --resume
 
 
-def test_the_ranks_must_divide_the_global_batch(values, tmp_path):
-    result = torchrun({**values, "out_dir": tmp_path / "odd", "gradient_accumulation_steps": 3})
+def test_the_ranks_must_divide_the_global_batch(reference_values, tmp_path):
+    result = torchrun({**reference_values, "out_dir": tmp_path / "odd", "gradient_accumulation_steps": 3})
     assert result.returncode != 0 and "exitcode  : 2" in result.stderr
     errors = {line for line in result.stderr.splitlines() if line.startswith("error: ")}
     assert errors == {"error: gradient_accumulation_steps=3 must be a multiple of the number of ranks (2): the "
