@@ -22,7 +22,14 @@ import statistics
 
 import torch
 
-from nanopalm.bench import generation_speed, interleave, machine_name, make_train_bench, matmul_flops
+from nanopalm.bench import (
+    estimate_and_measure,
+    generation_speed,
+    interleave,
+    machine_name,
+    make_train_bench,
+    matmul_flops,
+)
 from nanopalm.config import load_preset, model_config, parse_overrides
 from nanopalm.device import pick_device, pick_precision
 from nanopalm.errors import ArgumentParser, UserError, run_cli
@@ -71,6 +78,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     m.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     m.add_argument("--gradient_accumulation_steps", type=int, default=0,
                    help="micro-batches a step, all ranks together (default: the preset's, else 2 a rank)")
+    m.add_argument("--measure", type=int, default=0, metavar="BATCH",
+                   help="also train a step of BATCH sequences here, one process, in each checkpointing mode, and "
+                        "print the estimate against the measured peak (the CPU: PyTorch's MemTracker)")
+    m.add_argument("--device", default="auto", help="where --measure runs: auto | cpu | cuda | cuda:N")
     args, extra = p.parse_known_args(argv)
     overrides = parse_overrides(extra)  # --key=value model keys
     if args.what == "generation":
@@ -223,6 +234,22 @@ def bench_memory(args: argparse.Namespace) -> None:
             cells = (e.parameters, e.gradients, e.optimizer, e.activations, e.temporary, e.total)
             print(f"| {name} | {mode} | {batch or 'none fits'} | " + " | ".join(f"{v / GIB:.1f}" for v in cells)
                   + f" | {e.phase} |")
+    if args.measure:
+        measure_memory(args, dtype)
+
+
+def measure_memory(args: argparse.Namespace, dtype: torch.dtype) -> None:
+    """The estimate against the peak of a real step, one process, each checkpointing mode, an AdamW step."""
+    device = pick_device(args.device)
+    micro_batches = 2  # the gradients live through the second forward, as with accumulation
+    print(f"\nOne process on {machine_name(device)}, {args.dtype}, {args.optimizer}, {micro_batches} micro-batches "
+          f"of {args.measure} sequences a step; MiB:\n")
+    print("| checkpointing | estimated | measured | estimated / measured | peak falls on (estimate) |")
+    print("|---|---:|---:|---:|---|")
+    for mode in ("none", "full", "selective"):
+        e, measured = estimate_and_measure(args.model, args.measure, device, dtype, mode, args.optimizer, micro_batches)
+        print(f"| {mode} | {e.total / 2**20:,.1f} | {measured / 2**20:,.1f} | {e.total / measured:.3f} | {e.phase} |",
+              flush=True)
 
 
 def main(argv: list[str]) -> None:

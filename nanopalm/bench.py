@@ -16,7 +16,7 @@ import torch
 from nanopalm.device import Precision
 from nanopalm.distributed import DistInfo, build_model
 from nanopalm.errors import UserError
-from nanopalm.memory import measure
+from nanopalm.memory import Estimate, Setup, estimate, measure
 from nanopalm.model import PaLM, PaLMConfig
 from nanopalm.optim import OptimConfig, build_optimizer
 from nanopalm.sampling import generate
@@ -130,19 +130,21 @@ class TrainBench:
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    def measure_peak(self) -> int:
-        """The peak bytes of one (untimed) step of this model, after a step has made the optimizer's state.
-        CUDA: its resident tensors plus the most the step allocated on top of everything else there. CPU,
-        which keeps no allocator statistics: PyTorch's MemTracker counts the tensors (nanopalm/memory.py);
-        with --compile true it sees the step run eagerly (a dispatch mode turns compiled code off)."""
-        device = self.x.device
+    def measure_peak(self, parts: list[Callable[[], None]] | None = None) -> int:
+        """The peak bytes of one (untimed) step of this model, run as `parts` (default: one forward-backward,
+        then the update), after a step has made the optimizer's state. CUDA: its resident tensors plus the
+        most the step allocated on top of everything else there. The CPU, which keeps no allocator
+        statistics: PyTorch's MemTracker counts the tensors (nanopalm/memory.py); with --compile true it sees
+        the step run eagerly (a dispatch mode turns compiled code off)."""
+        device, parts = self.x.device, parts or [self.forward_backward, self.update]
         if device.type != "cuda":
-            self.peak_bytes = measure([self.forward_backward, self.update], self.model, self.optimizer)["Total"]
+            self.peak_bytes = measure(parts, self.model, self.optimizer)["Total"]
             return self.peak_bytes
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        self.step()
+        for part in parts:
+            part()
         synchronize(device)
         self.peak_bytes = self.resident_bytes() + torch.cuda.max_memory_allocated(device) - before
         return self.peak_bytes
@@ -159,15 +161,28 @@ class TrainBench:
 
 
 def make_train_bench(name: str, config: PaLMConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
-                     compile_model: bool, activation_checkpointing: str = "none") -> TrainBench:
+                     compile_model: bool, activation_checkpointing: str = "none", optimizer_name: str = "adamw"
+                     ) -> TrainBench:
     """A model built as train.py builds it (distributed.build_model), with the project's AdamW (fused on
-    CUDA) and a fixed batch of random tokens, seeded, so that two benches of the same vocabulary train on
-    the very same tokens."""
+    CUDA) or Adafactor, and a fixed batch of random tokens, seeded, so that two benches of the same
+    vocabulary train on the very same tokens."""
     model, _ = build_model(config, DistInfo(), device, Precision(dtype), 0, activation_checkpointing, compile_model)
-    optimizer = build_optimizer(model, OptimConfig(), device.type)
+    optimizer = build_optimizer(model, OptimConfig(optimizer=optimizer_name), device.type)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(config.vocab_size, (batch_size, config.block_size + 1), generator=gen).to(device)
     return TrainBench(name, model, optimizer, tokens[:, :-1], tokens[:, 1:], dtype, activation_checkpointing)
+
+
+def estimate_and_measure(config: PaLMConfig, batch_size: int, device: torch.device, dtype: torch.dtype, mode: str,
+                         optimizer_name: str = "adamw", micro_batches: int = 1) -> tuple[Estimate, int]:
+    """The memory planner's estimate of a one-process step (micro_batches forward-backwards of batch_size
+    sequences, then the update) and the step's measured peak, in bytes (TrainBench.measure_peak)."""
+    bench = make_train_bench("memory", config, batch_size, device, dtype, False, mode, optimizer_name)
+    parts = [bench.forward_backward] * micro_batches + [bench.update]
+    for part in parts:  # the optimizer's state comes with its first step
+        part()
+    setup = Setup(config, 1, False, optimizer_name, dtype, mode, micro_batches > 1, device.type)
+    return estimate(setup, batch_size), bench.measure_peak(parts)
 
 
 def interleave(benches: list[TrainBench], repeats: int, steps: int,

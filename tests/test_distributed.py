@@ -77,6 +77,16 @@ def test_every_rank_starts_from_the_weights_of_one_process(mode, one_process, re
     assert (ckpt.checkpoint_dir(out, 0) / ckpt.SHARD_INDEX).is_file() == (mode == "fsdp")
 
 
+def test_no_rank_holds_the_whole_model():
+    """FSDP2 from the meta device: a rank allocates its shards, plus one whole parameter while it draws it."""
+    result = torchrun({}, ("tests/build_sharded.py",))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(ranks) == 2
+    for rank in ranks:  # 8 blocks: the whole model is 13 times its largest parameter
+        assert rank["peak"] <= rank["whole"] / 2 + 2 * rank["largest"] < rank["whole"]
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_ranks_train_like_one_process_with_the_same_global_batch(mode, one_process, request):
     out, result = request.getfixturevalue(mode)
