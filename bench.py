@@ -7,6 +7,7 @@
     python bench.py generation --contexts 512 --device=cuda --new_tokens=64
     python bench.py --activation_checkpointing none full selective   # peak memory against step time
     python bench.py memory palm_8b --world_size 8 --gpu_memory 80     # per GPU: what fits (nanopalm/memory.py)
+    python bench.py optimizer --preset seed_213m        # the optimizer step alone: AdamW vs PaLM's Adafactor
 
 Each takes a preset (a model-shape or run preset from config/, or a JSON file) and any model key of
 `python train.py --help` as --key=value.
@@ -29,13 +30,15 @@ from nanopalm.bench import (
     machine_name,
     make_train_bench,
     matmul_flops,
+    optimizer_step_seconds,
 )
 from nanopalm.config import load_preset, model_config, parse_overrides
-from nanopalm.device import pick_device, pick_precision
+from nanopalm.device import generation_precision, pick_device, pick_precision
 from nanopalm.errors import ArgumentParser, UserError, run_cli
 from nanopalm.memory import GIB, Setup, estimate, largest_batch
 from nanopalm.metrics import gpu_peak_flops, mfu
 from nanopalm.model import PaLM, PaLMConfig
+from nanopalm.optim import OptimConfig, build_optimizer
 from nanopalm.variants import equal_size_gpt2, param_count
 
 
@@ -65,6 +68,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--new_tokens", type=int, default=16, help="tokens generated per timing")
     g.add_argument("--repeats", type=int, default=3, help="timings per number; the median is reported")
     g.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N | mps")
+    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="autocast precision; auto: bf16 on CUDA (as sample.py), float32 elsewhere")
     g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     m = sub.add_parser("memory", help="per-GPU memory of a run for DDP and FSDP2 and each activation-checkpointing "
                                       "mode, and the largest micro-batch that fits (an estimate: nanopalm/memory.py)")
@@ -82,6 +87,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="also train a step of BATCH sequences here, one process, in each checkpointing mode, and "
                         "print the estimate against the measured peak (the CPU: PyTorch's MemTracker)")
     m.add_argument("--device", default="auto", help="where --measure runs: auto | cpu | cuda | cuda:N")
+    o = sub.add_parser("optimizer", help="the optimizer step alone: AdamW against PaLM's Adafactor")
+    o.add_argument("--preset", default="seed_213m", help="a preset from config/ or a JSON file")
+    o.add_argument("--steps", type=int, default=5, help="timed steps per optimizer; the median is reported")
+    o.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N | mps")
+    o.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     args, extra = p.parse_known_args(argv)
     overrides = parse_overrides(extra)  # --key=value model keys
     if args.what == "generation":
@@ -106,17 +116,19 @@ def bench_generation(args: argparse.Namespace) -> None:
     if args.threads > 0:  # on a shared CPU, fewer threads than cores avoids waiting on descheduled ones
         torch.set_num_threads(args.threads)
     config = args.model
+    precision = generation_precision(args.dtype, device)
     torch.manual_seed(0)
     model = PaLM(config).to(device).eval()
     print(f"{args.preset}: {model.num_params():,} parameters, {config.n_head} query heads, "
-          f"{config.n_kv_head} K/V head(s), block_size {config.block_size}, float32 on {device} "
+          f"{config.n_kv_head} K/V head(s), block_size {config.block_size}, {str(precision.dtype)[6:]} on {device} "
           f"({torch.get_num_threads()} CPU threads); greedy, {args.new_tokens} new tokens, "
           f"median of {args.repeats}\n")
     print("| context | with KV cache (tok/s) | without (tok/s) | speed-up |")
     print("|---:|---:|---:|---:|")
     for context in args.contexts:
-        cached = generation_speed(model, context, args.new_tokens, True, device, args.repeats)
-        uncached = generation_speed(model, context, args.new_tokens, False, device, args.repeats)
+        with precision.autocast(device, for_generation=True):
+            cached = generation_speed(model, context, args.new_tokens, True, device, args.repeats)
+            uncached = generation_speed(model, context, args.new_tokens, False, device, args.repeats)
         print(f"| {context} | {cached:,.1f} | {uncached:,.1f} | {cached / uncached:,.1f}x |", flush=True)
     # The cache's size: the same model with one K/V head (PaLM's multi-query) and with one per query head.
     print("\n| attention | KV cache bytes per sequence (float32, full block) |")
@@ -124,6 +136,23 @@ def bench_generation(args: argparse.Namespace) -> None:
     for name, kv_heads in (("multi-query (PaLM)", 1), ("multi-head", config.n_head)):
         cache_bytes = dataclasses.replace(config, n_kv_head=kv_heads).kv_cache_bytes()
         print(f"| {name}, {kv_heads} K/V head(s) | {cache_bytes:,} |")
+
+
+def bench_optimizer(args: argparse.Namespace) -> None:
+    device = pick_device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = PaLM(args.model).to(device)
+    print(f"{args.preset}: {model.num_params():,} parameters ({len(list(model.parameters()))} tensors), fp32 on "
+          f"{device} ({torch.get_num_threads()} CPU threads); optimizer.step() alone, median of {args.steps}\n")
+    print("| optimizer | ms per step |")
+    print("|---|---:|")
+    for name in ("adamw", "adafactor"):
+        optimizer = build_optimizer(model, OptimConfig(optimizer=name), device.type)
+        seconds = optimizer_step_seconds(model, optimizer, args.steps)
+        print(f"| {name}{' (fused)' if optimizer.defaults.get('fused') else ''} | {1000 * seconds:,.1f} |", flush=True)
+        del optimizer
 
 
 def describe(config: PaLMConfig) -> str:
@@ -259,6 +288,8 @@ def main(argv: list[str]) -> None:
         bench_generation(args)
     elif args.what == "memory":
         bench_memory(args)
+    elif args.what == "optimizer":
+        bench_optimizer(args)
     else:
         bench_training(args)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from nanopalm.checkpoint import load_model
-from nanopalm.device import pick_device, pick_precision
+from nanopalm.device import generation_precision, pick_device
 from nanopalm.errors import ArgumentParser, UserError, run_cli
 from nanopalm.model import PaLM
 from nanopalm.sampling import check_sampling_args, generate
@@ -80,9 +80,7 @@ def main(argv: list[str]) -> None:
         raise UserError(f"the tokenizer in {checkpoint.run_dir} has {tokenizer.vocab_size} tokens but the model "
                         f"only {model.config.vocab_size}: this run's files do not belong together")
     prompt_ids = tokenizer.encode(prompt)
-    # bf16 autocast on a GPU (the weights stay fp32): flash and cuDNN attention take only bf16/fp16. On a
-    # CPU fp32 by default, even where bf16 is fast: sampling is cheap, and fp32 samples are reproducible.
-    precision = pick_precision("float32" if args.dtype == "auto" and device.type != "cuda" else args.dtype, device)
+    precision = generation_precision(args.dtype, device)  # bf16 autocast on CUDA; the weights stay fp32
 
     c, dtype = model.config, precision.dtype
     print(f"{model.num_params():,} parameters on {device} ({str(dtype).removeprefix('torch.')}); KV cache"

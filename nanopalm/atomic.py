@@ -1,7 +1,8 @@
-"""Atomic writes of files and directories: write under a temporary name, then rename into place.
+"""Writing files safely: atomic writes of files and directories (a temporary name, then a rename), and output
+directories checked before any work, so that a bad path is one clear error and never a half-written file.
 
-An interrupted or failed write then never leaves a file (or a checkpoint directory) that looks complete,
-which is what lets a later run trust any file it finds.
+An interrupted or failed write never leaves a file (or a checkpoint directory) that looks complete, which is
+what lets a later run trust any file it finds.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+
+from nanopalm.errors import UserError, out_of_memory
 
 
 def temporary_path(path: Path) -> Path:
@@ -28,8 +31,25 @@ def write_atomic(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())  # the bytes reach the disk before the name does
         os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror}): give a path in a writable directory") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def ensure_dir(path: str | Path, flag: str) -> Path:
+    """The output directory `path` (given as `flag`), created if need be; a file in its place or a place
+    where it cannot be created is one UserError that names the flag."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag}={path} is a file, not a directory: give a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {flag}={path} ({e.strerror}): give a directory in a writable place") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{flag}={path} is not writable: give a directory in a writable place")
+    return path
 
 
 # ---- directories, written by one process or by several at once (the ranks of a sharded checkpoint) ----
@@ -103,12 +123,14 @@ def write_directory(final: Path, write: Callable[[Path], None], manifest: Callab
             shutil.rmtree(old, ignore_errors=True)
 
     def together(work: Callable[[], None]) -> None:
-        reason = None
+        reason, error = None, None
         try:
             work()
         except errors as e:
-            reason = failure_reason(e)
+            reason, error = failure_reason(e), e
         reasons = [r for r in gather(reason) if r]
+        if error is not None and out_of_memory(error):
+            raise error  # not a write failure: run_cli names what ran out of memory
         if reasons:
             raise WriteFailed(reasons[0])
 

@@ -160,6 +160,23 @@ class TrainBench:
         return self.x.numel()
 
 
+def optimizer_step_seconds(model: PaLM, optimizer: torch.optim.Optimizer, steps: int) -> float:
+    """Median seconds of `optimizer.step()` alone, on fixed random gradients (after one untimed step)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator).to(device)
+    times = []
+    for i in range(steps + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        optimizer.step()
+        synchronize(device)
+        if i:  # the first step creates the state
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def make_train_bench(name: str, config: PaLMConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
                      compile_model: bool, activation_checkpointing: str = "none", optimizer_name: str = "adamw"
                      ) -> TrainBench:

@@ -34,6 +34,7 @@ from nanopalm import atomic
 from nanopalm import distributed as D
 from nanopalm.config import RunConfig, config_from_dict
 from nanopalm.errors import UserError
+from nanopalm.faults import fault_point
 from nanopalm.model import PaLM
 
 FORMAT_VERSION = 2
@@ -53,6 +54,7 @@ class TrainState:
     data_offset: int = 0  # step s reads data step s + data_offset (batches skipped after loss spikes)
     rollbacks: int = 0  # loss-spike rollbacks so far
     best_val: float = math.inf  # lowest val loss so far
+    seconds: float = 0.0  # wall time in the training loop, over every attempt (what max_minutes counts)
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,11 @@ def _checkpoint_dirs(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+    return sorted(found, key=_step_of)
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name[len(_PREFIX):])
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -235,7 +241,7 @@ def non_finite(step: int, states: dict) -> str | None:
     it (the problem, naming the tensor), or None. A sharded (DTensor) tensor is checked on this rank's shard."""
     def walk(value, name: str) -> str | None:
         if isinstance(value, torch.Tensor):
-            local = value.to_local() if hasattr(value, "to_local") else value
+            local = D.local_shard(value)
             if local.is_floating_point() and not torch.isfinite(local).all():
                 return (f"refusing to save checkpoint step {step}: {name} holds NaN or inf; the run diverged: "
                         "lower --learning_rate and continue with --resume from the last checkpoint")
@@ -277,6 +283,7 @@ def write_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tens
 
     def write(tmp: Path) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / MODEL_FILE)
+        fault_point("checkpoint_write")
         with open(tmp / TRAINER_FILE, "wb") as f:  # a Python file: a full disk surfaces as OSError(ENOSPC)
             torch.save(trainer_state, f)
     return write_atomically(run_dir, step, write, {**meta, "format": "single"}, keep_last)
@@ -314,8 +321,6 @@ class Checkpointer:
     def start_point(self, resume: bool, init_from: str) -> StartPoint | None:
         """The one decision of where a run starts: its own newest good checkpoint (--resume, or torchrun
         restarting this job after a failure), another run's best weights (--init_from), or scratch."""
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise UserError(f"--out_dir={self.run_dir} is a file: give a directory for the run")
         has_checkpoints = bool(_checkpoint_dirs(self.run_dir))
         if resume:
             if not has_checkpoints:  # a job killed before its first checkpoint, started again
@@ -350,6 +355,14 @@ class Checkpointer:
         if problems:
             raise UserError(problems[0])
         return found
+
+    def discard_after(self, step: int) -> None:
+        """Remove the checkpoints after `step`: after a loss-spike rollback to `step` they hold the abandoned
+        trajectory, and a resume must continue the new one."""
+        if self.dist.is_main:
+            for path in _checkpoint_dirs(self.run_dir):
+                if _step_of(path) > step:
+                    shutil.rmtree(path)
 
     def save(self, state: TrainState, val_loss: float, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              scaler: torch.amp.GradScaler, meta: dict) -> None:

@@ -41,7 +41,8 @@ class TrainConfig:
     init_from: str = field(default="", metadata={"help": "finetune from this run dir or checkpoint ('' = scratch)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in out_dir from its newest checkpoint"})
     max_iters: int = field(default=5000, metadata={"help": "optimizer steps to train for"})
-    max_minutes: float = field(default=0.0, metadata={"help": "stop (and save) after this many minutes; 0 = off"})
+    max_minutes: float = field(
+        default=0.0, metadata={"help": "stop (and save) after this many minutes of training (resumes too); 0 = off"})
     eval_interval: int = field(default=250, metadata={"help": "evaluate and checkpoint every this many steps"})
     eval_iters: int = field(default=20, metadata={"help": "val batches per evaluation (the same ones each time)"})
     log_interval: int = field(default=10, metadata={"help": "console/metrics line every this many steps"})
@@ -64,7 +65,11 @@ class TrainConfig:
     spike_factor: float = field(
         default=3.0, metadata={"help": "a loss above this x the running median is a spike; 0 = off"})
     spike_window: int = field(default=50, metadata={"help": "steps in the running median for spike detection"})
-    spike_skip: int = field(default=20, metadata={"help": "batches skipped past a spike after rollback"})
+    spike_skip: int = field(default=20, metadata={"help": "data batches skipped past a spike after rollback"})
+    rollback_interval: int = field(
+        default=0, metadata={"help": "keep an in-memory rollback point every this many steps; 0 = use checkpoints"})
+    rollback_distance: int = field(
+        default=100, metadata={"help": "roll back to the newest point at least this many steps before a spike"})
     sample_tokens: int = field(default=200, metadata={"help": "tokens sampled at the end of training; 0 = off"})
     sample_prompt: str = field(default="\n", metadata={"help": "prompt for the end-of-training sample"})
     tensorboard: bool = field(default=False, metadata={"help": "also log to TensorBoard (out_dir/tb)"})
@@ -76,6 +81,9 @@ class TrainConfig:
                      "gradient_accumulation_steps", "keep_last", "spike_window"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+        for name in ("rollback_interval", "rollback_distance"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.max_minutes < 0 or self.spike_factor < 0 or self.spike_skip < 0 or self.sample_tokens < 0:
             raise ValueError("max_minutes, spike_factor, spike_skip and sample_tokens must be >= 0")
         if self.spike_factor and self.spike_factor <= 1:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanopalm.atomic import temporary_path, write_atomic
+from nanopalm.atomic import ensure_dir, temporary_path, write_atomic
 from nanopalm.errors import UserError
 from nanopalm.tokenizer import Tokenizer
 
@@ -207,7 +207,7 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, source: str, started: flo
     """The one way every prepare path writes a dataset directory: mark it incomplete, write train.bin and
     val.bin (`write_split(split, path)` writes one and returns its stats), the tokenizer, then meta.json
     last. Returns the meta and prints a summary (`started`: the prepare's start, time.time())."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_dir, "--out_dir")
     invalidate_dataset(out_dir)
     stats = {split: write_split(split, out_dir / f"{split}.bin") for split in SPLITS}
     tokenizer.save(out_dir)
@@ -243,6 +243,9 @@ def resolve_dataset(dataset: str) -> Path:
     does not, the error says which prepare command makes it.
     """
     named, path = DATA_ROOT / dataset, Path(dataset).expanduser()
+    if path.is_file():
+        raise UserError(f"--dataset={dataset} is a file: give a prepared dataset's directory (train.bin, val.bin, "
+                        "meta.json) or a name under data/")
     data_dir = path if path.is_dir() and not named.is_dir() else named
     if not data_dir.is_dir():
         raise UserError(

@@ -106,3 +106,10 @@ def pick_precision(name: str, device: torch.device, sharded: bool = False, tf32:
         raise UserError("--fsdp=True trains in bfloat16 or float32, not float16 (its loss scaling would have to "
                         "be sharded too): use --dtype=float32, or DDP (--fsdp=False)")
     return Precision(dtype, sharded)
+
+
+def generation_precision(name: str, device: torch.device) -> Precision:
+    """Precision for sampling and generation benchmarks: `auto` is bf16 (fp16) autocast on CUDA, where flash
+    and cuDNN attention take only bf16/fp16 (fp32 would fall back to the O(T^2) math kernel), and fp32
+    elsewhere, even on a CPU with fast bf16: sampling is cheap and fp32 samples are reproducible."""
+    return pick_precision("float32" if name == "auto" and device.type != "cuda" else name, device)

@@ -80,6 +80,12 @@ def job_id() -> str | None:
     return os.environ.get("TORCHELASTIC_RUN_ID")
 
 
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank (FSDP2), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+
 # ---- building, checkpointing, compiling and wrapping ----------------------------------------------
 def build_model(config: PaLMConfig, info: DistInfo, device: torch.device, precision: Precision, seed: int,
                 activation_checkpointing: str = "none", compile: bool = False) -> tuple[PaLM, nn.Module]:

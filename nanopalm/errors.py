@@ -1,8 +1,10 @@
-"""User mistakes: one clear line on stderr and a non-zero exit, never a traceback."""
+"""User mistakes: one clear line on stderr and a non-zero exit, never a traceback. Running out of memory
+counts as one: too large a batch, block or model is the most common mistake in training language models."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -21,7 +23,33 @@ class Interrupted(Exception):
 
 
 EXIT_USER_ERROR = 2
+EXIT_OUT_OF_MEMORY = 3
 EXIT_CTRL_C = 130  # 128 + SIGINT, what shells report for a process stopped by Ctrl-C
+
+MEMORY_ADVICE = ("use a smaller --batch_size with a larger --gradient_accumulation_steps (the same global batch), "
+                 "a smaller --block_size, --activation_checkpointing=full, or --fsdp=True on several GPUs")
+# What ran out, and how PyTorch's allocator says so (c10's CPU allocator, CUDA's caching allocator, MPS); group 1
+# is the amount asked for, where the message gives it.
+_OUT_OF_MEMORY = [
+    ("the CPU's memory", r"DefaultCPUAllocator: can't allocate memory(?:: you tried to allocate (\d+) bytes)?"),
+    ("the GPU's memory", r"CUDA out of memory\.(?: Tried to allocate ([\d.]+ [KMGT]?i?B))?"),
+    ("MPS memory", r"MPS backend out of memory(?:.*?Tried to allocate ([\d.]+ [KMGT]?i?B))?"),
+]
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """The one line to print when `error` is an out-of-memory error (CPU, CUDA, MPS or Python's), else None."""
+    if isinstance(error, MemoryError):
+        return f"out of memory (Python could not allocate): {MEMORY_ADVICE}"
+    if not isinstance(error, RuntimeError):  # torch.OutOfMemoryError is a RuntimeError too
+        return None
+    for where, pattern in _OUT_OF_MEMORY:
+        if found := re.search(pattern, str(error)):
+            amount = found[1]
+            if amount and amount.isdigit():
+                amount = f"{int(amount) / 2**30:.1f} GiB"
+            return f"out of {where}{f', asked for {amount}' if amount else ''}: {MEMORY_ADVICE}"
+    return None
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -44,6 +72,12 @@ def run_cli(main: Callable[[list[str]], None], argv: list[str] | None = None) ->
     except KeyboardInterrupt:  # Ctrl-C where nothing is worth saving: stop quietly, no traceback
         _say("interrupted")
         return EXIT_CTRL_C
+    except (RuntimeError, MemoryError) as e:
+        line = out_of_memory(e)
+        if line is None:
+            raise
+        _say(f"error: {line}")
+        return EXIT_OUT_OF_MEMORY
     return 0
 
 

@@ -186,7 +186,7 @@ def estimate(setup: Setup, batch_size: int) -> Estimate:
                 full + gradient_work + casts + i * kept_casts)
 
     if setup.optimizer == "adafactor":
-        step_temporary = 8 * s.local  # foreach sqrt(v) and g / sqrt(v), both alive at once
+        step_temporary = 4 * s.local  # the update, rsqrt(v) * g, for every parameter at once (foreach)
     else:  # fused AdamW on CUDA works in place; the foreach one holds sqrt(exp_avg_sq)
         step_temporary = 0 if setup.device == "cuda" else 4 * s.local
     phases = {

@@ -52,8 +52,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 class MetricsLogger:
     """One JSON object per line in out_dir/metrics.jsonl, plus optional TensorBoard and wandb.
 
-    start_step: the step the run starts from (0 for a new run, the checkpoint's for a resumed one);
-    rows of an earlier attempt past it are dropped, a new run (start_step -1) starts an empty file.
+    start_step: the step the run starts from (the checkpoint's for a resumed run); rows of an earlier
+    attempt past it are dropped, a new run (start_step -1) starts an empty file.
     """
 
     def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, wandb_project: str, config: dict,
@@ -62,11 +62,10 @@ class MetricsLogger:
         self.tb = self.wandb = None
         if not enabled:
             return
-        path = Path(out_dir) / "metrics.jsonl"
+        self.out_dir = Path(out_dir)
+        self.file = None
         # A resumed run replays the steps after its checkpoint: dropping their old rows keeps every step once.
-        kept = [row for row in read_metrics(out_dir) if row.get("step", 0) <= start_step] if path.is_file() else []
-        write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept).encode())
-        self.file = open(path, "a")
+        self.rewind(start_step)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -79,6 +78,18 @@ class MetricsLogger:
             except ImportError:
                 raise UserError("--wandb_project needs the wandb package: pip install wandb") from None
             self.wandb = wandb.init(project=wandb_project, config=config, dir=str(out_dir))
+
+    def rewind(self, step: int) -> None:
+        """Drop the rows of steps after `step` (those of an earlier attempt that will be replayed, or of a
+        trajectory abandoned by a loss-spike rollback), so that steps never run backwards in the file."""
+        if not self.enabled:
+            return
+        if self.file is not None:
+            self.file.close()
+        path = self.out_dir / "metrics.jsonl"
+        kept = [row for row in read_metrics(self.out_dir) if row.get("step", 0) <= step] if path.is_file() else []
+        write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept).encode())
+        self.file = open(path, "a")
 
     def log(self, row: dict) -> None:
         if not self.enabled:

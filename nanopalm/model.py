@@ -285,8 +285,9 @@ class PaLM(nn.Module):
         normal_(self.wte.weight, std=1.0 if c.init == "palm" else 0.02)
         if self.wpe is not None:
             normal_(self.wpe.weight, std=0.02)
-        if self.lm_head is not None:
-            normal_(self.lm_head.weight, std=c.d_model ** -0.5 if c.init == "palm" else 0.02)
+        if self.lm_head is not None:  # untied: logits O(1) whether or not they are scaled by 1/sqrt(d), never
+            std = (1.0 if c.logit_scale else c.d_model ** -0.5) if c.init == "palm" else 0.02  # scaled twice
+            normal_(self.lm_head.weight, std=std)
         if c.pos_emb == "rope":
             cos, sin = rope_tables(c.head_dim, c.block_size, c.rope_base)
             self.rope_cos.copy_(cos)

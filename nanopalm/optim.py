@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from nanopalm.distributed import local_shard
 from nanopalm.errors import UserError
 
 RAMP_FORMAT = (
@@ -177,15 +178,16 @@ class PaLMAdafactor(torch.optim.Optimizer):
                 self.state[p]["v"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 self.state[p]["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         # Under FSDP2 these are DTensors: work on the local shards (in place, so the DTensors see it).
-        local = [_local(t) for t in params]
-        grads = [_local(p.grad) for p in params]
-        vs = [_local(self.state[p]["v"]) for p in params]
-        ms = [_local(self.state[p]["m"]) for p in params]
+        local = [local_shard(t) for t in params]
+        grads = [local_shard(p.grad) for p in params]
+        vs = [local_shard(self.state[p]["v"]) for p in params]
+        ms = [local_shard(self.state[p]["m"]) for p in params]
         # v = beta2 v + (1 - beta2)(g^2 + eps1): eps1 keeps v > 0 where g == 0.
         torch._foreach_mul_(vs, beta2)
         torch._foreach_addcmul_(vs, grads, grads, value=1.0 - beta2)
         torch._foreach_add_(vs, (1.0 - beta2) * group["eps1"])
-        updates = torch._foreach_div(grads, torch._foreach_sqrt(vs))  # u = g / sqrt(v)
+        updates = torch._foreach_rsqrt(vs)  # u = g / sqrt(v), as g * rsqrt(v): no division pass
+        torch._foreach_mul_(updates, grads)
         # RMS of each logical matrix, of the update and of the parameter (docs/OPTIM.md).
         rms_u, rms_p = self._matrix_rms(params, updates, local)
         # Update clipping caps the update's RMS (a guard against a stale v after a spike); parameter
@@ -223,11 +225,6 @@ class PaLMAdafactor(torch.optim.Optimizer):
             rms_u.append(rms[0])
             rms_p.append(rms[1])
         return rms_u, rms_p
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (FSDP2), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _all_reduce_sums(sums: list[torch.Tensor], groups: list) -> None:

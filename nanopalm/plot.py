@@ -5,12 +5,11 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 from pathlib import Path
 
 from nanopalm.atomic import write_atomic
-from nanopalm.errors import run_cli
+from nanopalm.errors import ArgumentParser, run_cli
 from nanopalm.metrics import read_metrics
 
 
@@ -34,7 +33,8 @@ def plot_runs(run_dirs: list[str | Path], output: str | Path, labels: list[str] 
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     output = Path(output)
     image = io.BytesIO()
@@ -45,7 +45,7 @@ def plot_runs(run_dirs: list[str | Path], output: str | Path, labels: list[str] 
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description="Plot the loss curves of one or more runs.")
+    parser = ArgumentParser(description="Plot the loss curves of one or more runs.")
     parser.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
     parser.add_argument("--output", default="loss.png", help="PNG to write")
     args = parser.parse_args(argv)

@@ -26,8 +26,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from nanopalm.atomic import ensure_dir
 from nanopalm.data import DATA_ROOT, SplitStats, TokenFileWriter, token_dtype, write_dataset
 from nanopalm.errors import ArgumentParser, UserError
+from nanopalm.tokenizer import (
+    CONFIG_FILE as TOKENIZER_CONFIG,
+)
 from nanopalm.tokenizer import (
     PALM_VOCAB_SIZE,
     TOKENIZER_NAMES,
@@ -50,6 +54,10 @@ def local_files(patterns: list[str]) -> tuple[str, list[str]]:
         found = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
         if not found:
             raise UserError(f"--data_files {pattern!r} matches no file: check the path")
+        for path in found:
+            if os.path.isdir(path):
+                raise UserError(f"--data_files {path} is a directory: give files, or a glob such as "
+                                f"'{os.path.join(path, '*.txt')}'")
         files += found
     kinds = set()
     for f in files:
@@ -70,15 +78,20 @@ def check_utf8(files: list[str]) -> None:
         if path.endswith(COMPRESSION):
             continue  # datasets decompresses these while reading; its own error has to do
         decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                pending = len(decoder.getstate()[0])  # the start of a character cut by the previous chunk
-                try:
-                    decoder.decode(chunk)
-                except UnicodeDecodeError as e:
-                    raise UserError(f"{path} is not UTF-8 text (byte {offset + e.start - pending}: {e.reason}): "
-                                    f"convert it first, e.g. iconv -f latin1 -t utf-8 {path} > {path}.utf8") from None
-                offset += len(chunk)
+        try:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                    pending = len(decoder.getstate()[0])  # the start of a character cut by the previous chunk
+                    try:
+                        decoder.decode(chunk)
+                    except UnicodeDecodeError as e:
+                        where = offset + e.start - pending
+                        raise UserError(f"{path} is not UTF-8 text (byte {where}: {e.reason}): convert it first, "
+                                        f"e.g. iconv -f latin1 -t utf-8 {path} > {path}.utf8") from None
+                    offset += len(chunk)
+        except OSError as e:
+            raise UserError(f"cannot read --data_files {path} ({e.strerror}): check the path and its "
+                            "permissions") from None
         try:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError as e:
@@ -191,6 +204,7 @@ def prepare(args: argparse.Namespace) -> Path:
     if args.tokenizer_from and (args.tokenizer or args.vocab_size):
         raise UserError("--tokenizer_from reuses a tokenizer as it is: drop --tokenizer and --vocab_size")
     reused = load_tokenizer(tokenizer_dir(args.tokenizer_from)) if args.tokenizer_from else None
+    out_dir = ensure_dir(args.out_dir, "--out_dir")  # a bad output path fails now, before any work
     name = args.tokenizer or args.default_tokenizer
     num_proc = args.num_proc if args.num_proc > 1 else None
 
@@ -201,15 +215,20 @@ def prepare(args: argparse.Namespace) -> Path:
     tokenized = {"train": tokenize(train, tok, args.text_column, num_proc, "train"),
                  "val": tokenize(val, tok, args.text_column, num_proc, "val")}
     source = ", ".join(args.data_files) if args.data_files else f"{args.dataset} (Hugging Face hub)"
-    write_dataset(Path(args.out_dir), tok, source, started,
-                  lambda split, path: write_split(tokenized[split], path, tok))
-    return Path(args.out_dir)
+    write_dataset(out_dir, tok, source, started, lambda split, path: write_split(tokenized[split], path, tok))
+    return out_dir
 
 
 def tokenizer_dir(name_or_path: str) -> Path:
     """--tokenizer_from: a dataset name (data/<name>/) or a directory holding tokenizer.json."""
-    named = DATA_ROOT / name_or_path
-    return named if named.is_dir() else Path(name_or_path).expanduser()
+    named, path = DATA_ROOT / name_or_path, Path(name_or_path).expanduser()
+    directory = named if named.is_dir() else path
+    if not (directory / TOKENIZER_CONFIG).is_file():
+        what = ("is a file" if path.is_file() else "does not exist" if not directory.exists()
+                else "has no tokenizer.json")
+        raise UserError(f"--tokenizer_from={name_or_path} {what}: give a dataset name under data/, or a dataset or "
+                        "run directory that holds tokenizer.json")
+    return directory
 
 
 def build_parser(description: str, dataset: str | None, tokenizer: str, val_fraction: float,

@@ -8,6 +8,7 @@ once: the previous handlers are back as soon as the first one arrives.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -29,9 +30,11 @@ class GracefulStop:
         self._restore()
 
     def _handle(self, signum: int, frame) -> None:
-        # Nothing but a flag here: the handler interrupts arbitrary code, even a print to the console.
+        # A flag and one raw write (os.write, not print: the handler can interrupt a print in progress).
         self.signum = signum
         self._restore()
+        os.write(2, f"{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint; send "
+                    "it again to stop at once, without saving\n".encode())
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():

@@ -11,9 +11,7 @@ import dataclasses
 import json
 import math
 import signal
-import statistics
 import time
-from collections import deque
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -22,17 +20,19 @@ import torch
 
 from nanopalm import distributed as D
 from nanopalm import shakespeare
-from nanopalm.atomic import write_atomic
+from nanopalm.atomic import ensure_dir, write_atomic
 from nanopalm.checkpoint import Checkpointer, StartPoint, TrainState
 from nanopalm.config import RunConfig
 from nanopalm.data import BatchLoader, load_meta, resolve_dataset
 from nanopalm.device import pick_device, pick_precision
 from nanopalm.errors import Interrupted, UserError
+from nanopalm.faults import fault_point
 from nanopalm.metrics import MetricsLogger, gpu_peak_flops, mfu
 from nanopalm.optim import apply_schedule, build_optimizer, micro_steps_at
 from nanopalm.plot import plot_runs
 from nanopalm.sampling import generate
 from nanopalm.signals import GracefulStop
+from nanopalm.spikes import RollbackPoints, SpikeDetector
 from nanopalm.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 MAX_ROLLBACKS = 10  # more spikes than this and the run is diverging, not spiking
@@ -83,7 +83,7 @@ class Trainer:
         t = cfg.train
         self.dist, self.device = D.init_distributed(pick_device(t.device), t.fsdp)
         self.precision = pick_precision(t.dtype, self.device, self.dist.sharded, t.tf32)
-        self.out_dir = Path(t.out_dir)
+        self.out_dir = ensure_dir(t.out_dir, "--out_dir")  # a bad path fails now, before any work
         D.check_divisible(t.gradient_accumulation_steps, self.dist)
         self.data_dir = prepared_dataset(t.dataset, self.dist)
         self.data_meta = load_meta(self.data_dir)
@@ -117,12 +117,12 @@ class Trainer:
         self.tokenizer = load_tokenizer(self.data_dir)
         self.flops_per_token = self.raw_model.flops_per_token(block)
         self.peak_flops = gpu_peak_flops(self.device)
-        self.losses: deque[float] = deque(maxlen=t.spike_window)
+        self.spikes = SpikeDetector(t.spike_factor, t.spike_window)
+        self.rollback_points = RollbackPoints(t.rollback_interval, t.rollback_distance)
         self.stop = GracefulStop()  # installed by train(): SIGTERM / Ctrl-C end the run with a checkpoint
         self.stopping = False  # set when a rank's time is up or a rank was signalled
-        self.started = time.perf_counter()
+        self.iteration_started = time.perf_counter()
         if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(self.out_dir / "config.json", json.dumps(self.cfg.to_dict(), indent=2).encode())
             self.tokenizer.save(self.out_dir)  # the run directory is self-contained for sampling
         self.logger = MetricsLogger(self.out_dir, self.dist.is_main, t.tensorboard, t.wandb_project,
@@ -138,13 +138,15 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
     def train(self) -> dict:
         t = self.cfg.train
-        self.started = time.perf_counter()
         last_eval: dict = {}
         profiler = self._profiler()
         while self.state.step < t.max_iters and not self.stopping:
+            self.iteration_started = time.perf_counter()
             if self.state.step % t.eval_interval == 0 and self.state.step != self.saved_step:
                 last_eval = self.evaluate_and_checkpoint()
+            self.rollback_points.keep(self.state, self.raw_model, self.optimizer, self.scaler)
             self.train_step()
+            self.state.seconds += time.perf_counter() - self.iteration_started
             if profiler is not None:
                 profiler.step()
         if profiler is not None:
@@ -165,6 +167,7 @@ class Trainer:
     def train_step(self) -> None:
         t, o = self.cfg.train, self.cfg.optim
         tick = time.perf_counter()
+        fault_point("train_step")
         step = self.state.step
         lr = apply_schedule(self.optimizer, step, o)
         micro_steps = micro_steps_at(step, t.gradient_accumulation_steps, o.batch_ramp)
@@ -179,20 +182,20 @@ class Trainer:
             x, y = self.train_loader.get_batch(data_step, micro_step)
             with D.no_grad_sync(self.model, self.dist, i == local_steps - 1), nvtx("forward-backward", self.device):
                 with self.precision.autocast(self.device):
-                    loss = self.model(x, y).loss / local_steps  # the mean over micro-steps (seed defect 5)
+                    loss = self.model(x, y).loss / local_steps  # the mean over micro-steps, not their sum
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         self.scaler.unscale_(self.optimizer)
         grad_norm = D.clip_grad_norm(self.raw_model, o.grad_clip if o.grad_clip > 0 else math.inf, self.dist)
         loss_value, norm_value = self._sync_step_stats(loss_sum, grad_norm)
-        if self._is_spike(loss_value, norm_value):
+        if self.spikes.is_spike(loss_value, norm_value, self.scaler.is_enabled()):
             self.rollback(loss_value, norm_value)
             return
         with nvtx("optimizer", self.device):
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
-        self.losses.append(loss_value)
+        self.spikes.append(loss_value)
         step_tokens = micro_steps * t.batch_size * self.cfg.model.block_size
         self.state.step += 1
         self.state.tokens += step_tokens
@@ -204,7 +207,7 @@ class Trainer:
         sync of a step. Under torchrun the stop flags ride on the same all-reduce as the loss, so every rank
         stops at the same step when any rank's max_minutes is up or any rank got SIGTERM / Ctrl-C."""
         minutes = self.cfg.train.max_minutes
-        time_up = minutes > 0 and time.perf_counter() - self.started > 60 * minutes
+        time_up = minutes > 0 and self.seconds_trained() > 60 * minutes
         flags = torch.tensor([float(time_up), float(self.stop.signum is not None)])
         stats = torch.cat([torch.stack([loss_sum.float(), grad_norm.float()]), flags.to(self.device)])
         loss, norm, time_up, signalled = D.all_reduce_sum(stats, self.dist).tolist()
@@ -214,10 +217,15 @@ class Trainer:
         world = self.dist.world_size  # every rank holds the same global grad norm
         return loss / world, norm / world
 
+    def seconds_trained(self) -> float:
+        """Wall time in the training loop so far, every attempt of this run included (TrainState.seconds)."""
+        return self.state.seconds + time.perf_counter() - self.iteration_started
+
     def _log_train(self, loss: float, grad_norm: float, lr: float, seconds: float, step_tokens: int) -> None:
         tokens_per_s = step_tokens / seconds
-        row = {"step": self.state.step, "tokens": self.state.tokens, "train_loss": loss, "lr": lr,
-               "grad_norm": grad_norm, "ms_per_step": 1000 * seconds, "tokens_per_s": tokens_per_s}
+        row = {"step": self.state.step, "tokens": self.state.tokens, "seconds": self.seconds_trained(),
+               "train_loss": loss, "lr": lr, "grad_norm": grad_norm, "ms_per_step": 1000 * seconds,
+               "tokens_per_s": tokens_per_s}
         line = (f"step {self.state.step:6d} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:.2f} | "
                 f"{1000 * seconds:.0f} ms/step | {tokens_per_s:,.0f} tok/s")
         if self.peak_flops:
@@ -228,34 +236,31 @@ class Trainer:
         if self.dist.is_main:
             print(line, flush=True)
 
-    # ---- loss spikes (PaLM Section 5.1) ------------------------------------------------------
-    def _is_spike(self, loss: float, grad_norm: float) -> bool:
-        if not math.isfinite(loss):
-            return True
-        if not math.isfinite(grad_norm):
-            return not self.scaler.is_enabled()  # with fp16 the scaler skips inf steps by itself
-        t = self.cfg.train
-        if t.spike_factor == 0 or len(self.losses) < min(10, t.spike_window):
-            return False
-        return loss > t.spike_factor * statistics.median(self.losses)
-
+    # ---- loss spikes (PaLM Section 5.1; nanopalm/spikes.py) ----------------------------------
     def rollback(self, loss: float, grad_norm: float) -> None:
-        """Go back to the newest good checkpoint and skip the batches around the spike, as PaLM did."""
+        """Go back to a rollback point before the spike (or the newest checkpoint) and skip the batches
+        around it, as PaLM did. Checkpoints and metrics rows after that point are of the abandoned path."""
         spike_step, spike_data_step = self.state.step, self.state.step + self.state.data_offset
         rollbacks = self.state.rollbacks + 1
         if rollbacks > MAX_ROLLBACKS:
             raise UserError(f"training diverged: {rollbacks} loss spikes (last at step {spike_step}, "
                             f"loss {loss}); lower --learning_rate or raise --spike_factor")
-        restored = self.checkpointer.load(self.checkpointer.latest_good(), self.raw_model, self.optimizer, self.scaler)
+        restored = self.rollback_points.restore(spike_step, self.raw_model, self.optimizer, self.scaler)
+        if restored is None:
+            restored = self.checkpointer.load(self.checkpointer.latest_good(), self.raw_model, self.optimizer,
+                                              self.scaler)
+        self.checkpointer.discard_after(restored.step)
         # Resume the data stream spike_skip batches past the spike: step s now reads data step s + offset.
         offset = spike_data_step + self.cfg.train.spike_skip - restored.step
-        self.state = dataclasses.replace(restored, rollbacks=rollbacks, data_offset=offset)
-        self.saved_step = restored.step
+        # Time spent stays spent: max_minutes counts the abandoned steps too.
+        self.state = dataclasses.replace(restored, rollbacks=rollbacks, data_offset=offset, seconds=self.state.seconds)
+        self.saved_step = restored.step  # a point at an eval step is kept right after that step's checkpoint
         self.optimizer.zero_grad(set_to_none=True)
-        self.losses.clear()
-        event = {"step": spike_step, "tokens": self.state.tokens, "event": "loss_spike", "loss": loss,
-                 "grad_norm": grad_norm, "rolled_back_to": restored.step, "data_offset": offset}
-        self.logger.log(event)
+        self.spikes.clear()
+        self.logger.rewind(restored.step)
+        self.logger.log({"step": restored.step, "tokens": self.state.tokens, "event": "loss_spike",
+                         "spike_step": spike_step, "loss": loss, "grad_norm": grad_norm, "data_offset": offset,
+                         "skipped_data_steps": [restored.step + restored.data_offset, restored.step + offset]})
         if self.dist.is_main:
             print(f"loss spike at step {spike_step} (loss {loss:.4f}, grad norm {grad_norm:.2f}): rolled back "
                   f"to step {restored.step}, skipping to data step {restored.step + offset}", flush=True)
@@ -282,7 +287,8 @@ class Trainer:
         val_loss = self.evaluate()
         val_bpb = val_loss / math.log(2) / self.data_meta["bytes_per_token_val"]
         self.state.best_val = min(self.state.best_val, val_loss)
-        row = {"step": self.state.step, "tokens": self.state.tokens, "val_loss": val_loss, "val_bpb": val_bpb}
+        row = {"step": self.state.step, "tokens": self.state.tokens, "seconds": self.seconds_trained(),
+               "val_loss": val_loss, "val_bpb": val_bpb}
         self.logger.log(row)
         if self.dist.is_main:
             print(f"step {self.state.step:6d} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f}", flush=True)

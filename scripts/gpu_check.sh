@@ -4,7 +4,10 @@
 # runs the CUDA tests (tests/gpu), then the GPU benchmarks of docs/BENCHMARKS.md, all within 8 minutes,
 # and writes OUTDIR/log.txt (everything) and OUTDIR/results.md (a table of the steps and the benchmark tables).
 # Without CUDA it runs the same steps at CPU size (the GPU tests skip), so the script itself can be checked.
-# It installs nothing and downloads nothing.
+# It installs nothing and downloads nothing, and needs no install of nanoPALM (it runs from the checkout).
+# The machine must have: Python 3.10+ as $PYTHON (default python3) with torch (CUDA build, 2.6 or newer),
+# numpy, safetensors, sentencepiece, matplotlib, tqdm and pytest. The tests make their own data (no corpus
+# package, no tokenizer download). The script checks these first and names what is missing in one line.
 set -u -o pipefail
 
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
@@ -14,6 +17,13 @@ LOG=$OUT/log.txt
 RESULTS=$OUT/results.md
 BENCH_OUT=$OUT/bench_tables.md
 cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+missing=$("$PYTHON" -c 'import importlib.util as u; print(" ".join(n for n in ("torch", "numpy", "safetensors", "sentencepiece", "matplotlib", "tqdm", "pytest") if u.find_spec(n) is None))' 2>&1) || missing="python ($PYTHON does not run)"
+if [[ -n $missing ]]; then
+    echo "error: the GPU check needs these, missing here: $missing (install them, or carry wheels)" >&2
+    exit 2
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} NANOPALM_GPU_RESULTS=$OUT
 export PIP_NO_INDEX=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled  # stay off the network
 export PYTHONUNBUFFERED=1
 DEADLINE=$((SECONDS + 470))  # 8 minutes less a margin for writing the results
@@ -52,12 +62,12 @@ bench() {
     shift 2
     local before
     before=$(wc -l < "$LOG")
-    run "$name" "$limit" python bench.py "$@"
+    run "$name" "$limit" "$PYTHON" bench.py "$@"
     { echo "### $name"; echo; tail -n +"$((before + 2))" "$LOG" | grep -v '^=== '; echo; } >> "$BENCH_OUT"
 }
 
-GPU=$(python -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else '')" 2>>"$LOG")
-run "CUDA tests (tests/gpu)" 200 python -m pytest tests/gpu -q -rs -p no:cacheprovider
+GPU=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else '')" 2>>"$LOG")
+run "CUDA tests (tests/gpu)" 200 "$PYTHON" -m pytest tests/gpu -q -rs -p no:cacheprovider
 if [[ -n $GPU ]]; then
     bench "seed 213M, block 512, batch 16 (target: 300k tokens/s)" 110 \
         --preset seed_213m --batch_size 16 --device cuda --compile false true --steps 10 --repeats 3 --warmup 3
@@ -76,7 +86,7 @@ fi
     echo "# nanoPALM GPU check, $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo
     echo "- device: ${GPU:-no CUDA GPU visible (CPU fallback: the GPU tests skip, the benchmarks run at CPU size)}"
-    echo "- $(python -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)' 2>&1)"
+    echo "- $("$PYTHON" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)' 2>&1)"
     echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with local changes)')"
     echo "- targets (docs/BENCHMARKS.md): seed 213M at block 512 >= 300,000 tokens/s on one H200;"
     echo "  PaLM-shaped 350M at 2048 tokens >= 45% MFU; compile on and off"
@@ -85,6 +95,14 @@ fi
     echo "|---|---|---:|"
     printf '%s' "$STEPS"
     echo
+    if [[ -f $OUT/gpu_facts.json ]]; then
+        echo "### What the CUDA tests found (attention kernels by the profiler)"
+        echo
+        echo '```'
+        cat "$OUT/gpu_facts.json"
+        echo '```'
+        echo
+    fi
     cat "$BENCH_OUT"
 } > "$RESULTS"
 rm -f "$BENCH_OUT"

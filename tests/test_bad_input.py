@@ -31,15 +31,16 @@ from nanopalm.tokenizer import CharTokenizer
 from nanopalm.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = {"train": "train.py", "sample": "sample.py", "prepare": "data/text/prepare.py",
+SCRIPTS = {"train": "train.py", "sample": "sample.py", "prepare": "data/text/prepare.py", "plot": "nanopalm/plot.py",
            "consolidate": "-m nanopalm.checkpoint consolidate"}
+READ_ONLY = "/sys/nanopalm_bad_input"  # sysfs refuses new directories, even to root
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 @dataclass(frozen=True)
 class Case:
     id: str
-    cli: str  # train | sample | prepare | consolidate
+    cli: str  # train | sample | prepare | plot | consolidate
     args: tuple[str, ...]  # {name} is replaced by a path of the `world` fixture
     message: str  # the start of the problem and a piece of the fix, both in the one line
     subprocess: bool = False
@@ -99,6 +100,33 @@ CASES = [
          "already holds checkpoints: give another --out", out="{run}"),
     Case("consolidate nothing", "consolidate", ("/no/such/run",), "no checkpoint in /no/such/run",
          out="/no/such/run"),
+    # paths: a file where a directory is expected and the reverse, missing, in a read-only place
+    Case("out_dir is a file", "train", (), "--out_dir={a_file} is a file, not a directory: give a directory",
+         out="{a_file}"),
+    Case("out_dir under a file", "train", (), "cannot create --out_dir={a_file}/run (Not a directory)",
+         out="{a_file}/run"),
+    Case("out_dir in a read-only place", "train", (), f"cannot create --out_dir={READ_ONLY} (", out=READ_ONLY),
+    Case("dataset is a file", "train", ("--dataset={a_file}",), "--dataset={a_file} is a file: give a prepared"),
+    Case("init_from is a file", "train", ("--init_from={a_file}",), "{a_file} is a file: give a run directory"),
+    Case("sample: out_dir is a file", "sample", ("--out_dir={a_file}",),
+         "--out_dir={a_file} is a file: give the directory of a training run"),
+    Case("prompt file is a directory", "sample", ("--start=FILE:{root}",),
+         "cannot read the prompt file {root} (Is a directory)"),
+    Case("data_files is a directory", "prepare", ("--data_files={root}",), "--data_files {root} is a directory: "
+         "give files, or a glob such as"),
+    Case("tokenizer_from missing", "prepare", ("--data_files={latin1}", "--tokenizer_from=/no/such/dir"),
+         "--tokenizer_from=/no/such/dir does not exist: give a dataset name"),
+    Case("tokenizer_from is a file", "prepare", ("--data_files={latin1}", "--tokenizer_from={a_file}"),
+         "--tokenizer_from={a_file} is a file"),
+    Case("prepare: out_dir is a file", "prepare", ("--data_files={latin1}",), "--out_dir={a_file} is a file",
+         out="{a_file}"),
+    Case("prepare: out_dir in a read-only place", "prepare", ("--data_files={latin1}",),
+         f"cannot create --out_dir={READ_ONLY} (", out=READ_ONLY),
+    Case("plot: missing run", "plot", ("{root}/no_run",), "{root}/no_run/metrics.jsonl not found: is"),
+    Case("plot: output in a missing directory", "plot", ("{run}", "--output=/no/such/dir/loss.png"),
+         "cannot write /no/such/dir/loss.png (No such file or directory)", out="/no/such/dir"),
+    Case("plot: output is a directory", "plot", ("{run}", "--output={root}/out"),
+         "cannot write {root}/out (Is a directory)", out="{root}/out"),
     # generation
     Case("empty prompt", "sample", ("--start=FILE:{empty}",), "the prompt is empty: give --start=TEXT"),
     Case("missing prompt file", "sample", ("--start=FILE:{run}/no_prompt.txt",), "cannot read the prompt file"),
@@ -172,6 +200,9 @@ def world(char_dataset, tmp_path_factory) -> dict[str, str]:
     paths["broken_jsonl"].write_text('{"text": "fine"}\n{"text": "cut short\n')
     paths["empty"] = root / "empty.txt"
     paths["empty"].write_text("")
+    paths["a_file"] = root / "a_file.txt"
+    paths["a_file"].write_text("not a directory\n")
+    (root / "out").mkdir()
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -181,7 +212,9 @@ def argv(case: Case, world: dict[str, str]) -> tuple[list[str], Path]:
     base = {
         "train": [f"--{k}={v}" for k, v in TINY_RUN.items()] + [f"--dataset={world['data']}", f"--out_dir={out}"],
         "sample": [f"--out_dir={world['run']}", "--device=cpu"],
-        "prepare": [f"--out_dir={out}", f"--cache_dir={world['root']}/hf_cache", "--tokenizer=char"],
+        "prepare": [f"--out_dir={out}", f"--cache_dir={world['root']}/hf_cache",
+                    *([] if any(a.startswith("--tokenizer_from") for a in case.args) else ["--tokenizer=char"])],
+        "plot": [],
         "consolidate": [],
     }[case.cli]
     return base + [a.format(**world) for a in case.args], Path(out)

@@ -41,6 +41,12 @@ def test_the_paper_preset_is_the_paper_recipe():
     recipe = (o.optimizer, o.learning_rate, o.lr_schedule, o.weight_decay_mode)
     assert recipe == ("adafactor", 1e-2, "palm", "lr_squared")
     assert o.batch_ramp and cfg.model.block_size == 2048 and cfg.model.logit_scale and cfg.model.z_loss == 1e-4
+    # Section 5.1: restart ~100 steps before a spike and skip ~200-500 batches. A point every 50 steps and the
+    # newest >= 100 back lands 100-149 steps back; skipping 200 past the spike skips 300-349 from the restart.
+    t = cfg.train
+    back = (t.rollback_distance, t.rollback_distance + t.rollback_interval - 1)
+    skipped = (back[0] + t.spike_skip, back[1] + t.spike_skip)
+    assert back == (100, 149) and 200 <= skipped[0] and skipped[1] <= 500
 
 
 def test_config_round_trips_through_json():

@@ -89,22 +89,25 @@ def test_no_rank_holds_the_whole_model():
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_ranks_train_like_one_process_with_the_same_global_batch(mode, one_process, request):
+    """fp32: the losses and the final weights are bitwise those of one process (docs/DISTRIBUTED.md)."""
     out, result = request.getfixturevalue(mode)
     reference, got = losses(one_process), losses(out)
     assert sorted(got) == list(range(1, 13))  # only rank 0 writes metrics: each step once
-    assert max_difference(reference, got) < 1e-5  # measured: 0.0 for both (bitwise equal losses)
-    assert max_difference(reference, got, column=1) < 1e-5  # grad norms: FSDP2 sums shards, ~6e-8
+    assert [got[k][0] for k in sorted(got)] == [reference[k][0] for k in sorted(reference)]  # losses: bitwise
+    # Grad norms: FSDP2 sums the squares shard by shard, another order of float additions: measured 6e-8.
+    assert max_difference(reference, got, column=1) < (1e-6 if mode == "fsdp" else 1e-12)
     assert result.stdout.count("val loss") == 3  # only rank 0 prints: evaluations at 0, 6, 12
     assert (out / "loss.png").is_file() and "a sample from the model" not in result.stdout  # sample_tokens=0
-    for name, tensor in weights(one_process).items():
-        torch.testing.assert_close(weights(out)[name], tensor, rtol=0, atol=1e-5)
+    mine = weights(one_process)
+    assert all(torch.equal(tensor, mine[name]) for name, tensor in weights(out).items())
 
 
 def test_fsdp_in_bf16_runs_the_gpu_recipe(reference_values, one_process, tmp_path):
     """FSDP2's bf16 policy (bf16 all-gathers and compute, fp32 reduction, no autocast), as on CUDA, and the
     end-of-run sample, which under FSDP2 every rank takes part in."""
     out, result = launched(reference_values, tmp_path / "bf16", fsdp=True, dtype="bfloat16", sample_tokens=20)
-    assert max_difference(losses(one_process), losses(out)) < 0.02  # from fp32: bf16 rounding, measured 0.004
+    # From fp32: bf16 rounding; docs/DISTRIBUTED.md states the bound this asserts (measured 0.004).
+    assert max_difference(losses(one_process), losses(out)) < 0.005
     assert result.stdout.count("a sample from the model") == 1
 
 
@@ -118,15 +121,15 @@ def test_a_checkpoint_saved_by_two_ranks_resumes_on_one(mode, reference_values, 
     mine = torch.load(ckpt.checkpoint_dir(one_process, 6) / ckpt.TRAINER_FILE, weights_only=True)["optimizer"]
     theirs = torch.load(single / ckpt.TRAINER_FILE, weights_only=True)["optimizer"]
     assert theirs["param_groups"] == mine["param_groups"]
-    torch.testing.assert_close(theirs["state"], mine["state"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(theirs["state"], mine["state"], rtol=0, atol=0)  # bitwise
 
     out = tmp_path / "resumed"
     shutil.copytree(saved, ckpt.checkpoint_dir(out, 6))
     train(build_config({**reference_values, "out_dir": str(out), "resume": True}))
     reference = {k: v for k, v in losses(one_process).items() if k > 6}
-    assert max_difference(reference, losses(out)) < 1e-5
-    for name, tensor in weights(one_process).items():
-        torch.testing.assert_close(weights(out)[name], tensor, rtol=0, atol=1e-5)
+    assert max_difference(reference, losses(out)) == 0.0
+    mine = weights(one_process)
+    assert all(torch.equal(tensor, mine[name]) for name, tensor in weights(out).items())
 
 
 def test_a_killed_rank_is_brought_back_from_the_last_checkpoint(reference_values, fsdp, tmp_path):
@@ -164,3 +167,24 @@ def test_the_ranks_must_divide_the_global_batch(reference_values, tmp_path):
     assert errors == {"error: gradient_accumulation_steps=3 must be a multiple of the number of ranks (2): the "
                       "global batch is split evenly across ranks"}
     assert "[rank0]: Traceback" not in result.stderr
+
+
+def test_adafactor_statistics_of_unevenly_sharded_matrices_are_those_of_the_whole_matrix(tmp_path):
+    """FSDP2 shards rows as torch.chunk does (7 rows: 4 + 3). PaLMAdafactor's per-matrix RMS sums the local
+    rows' squares over the ranks, so two ranks step exactly as one process (to float rounding)."""
+    result = torchrun({"out": tmp_path / "result.json"}, ("tests/sharded_adafactor.py",))
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads((tmp_path / "result.json").read_text())
+    assert found["rank0_rows"] == {"proj.weight": 4, "scale": 3}  # uneven shards indeed (7 = 4 + 3, 5 = 3 + 2)
+    assert max(found["max_abs_diff"].values()) < 1e-6, found  # measured: 0.0
+
+
+def test_restarts_without_the_rendezvous_workaround_are_warned_about(reference_values, tmp_path, monkeypatch):
+    """torchrun --max_restarts under the shared rendezvous store (pytorch#135712): rank 0 says how to avoid it."""
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    result = torchrun({**reference_values, "out_dir": tmp_path / "warned", "max_iters": 1, "eval_interval": 1},
+                      launcher=("--max_restarts=1",))
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning: restarts")]
+    assert warnings == ["warning: restarts under torchrun's shared rendezvous store can fail on stale addresses; "
+                        "launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/DISTRIBUTED.md)"]

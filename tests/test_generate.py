@@ -169,29 +169,45 @@ def run_dir(tmp_path_factory) -> Path:
     return run
 
 
-def test_sample_streams_exactly_the_decoded_text(run_dir, capsys):
+def naive_greedy(model: PaLM, ids: list[int], new_tokens: int, eot_id: int) -> list[int]:
+    """Greedy decoding the slowest, plainest way: the whole sequence through the model for every token (no
+    cache, no window: the test's prompt and continuation fit in block_size), up to end-of-document."""
+    ids = list(ids)
+    for _ in range(new_tokens):
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        if ids[-1] == eot_id:
+            break
+    return ids
+
+
+def test_sample_streams_the_greedy_text_of_a_plain_reference_loop(run_dir, capsys):
     sample = load_sample_script()
     from nanopalm.checkpoint import load_model
     from nanopalm.tokenizer import load_tokenizer
 
-    args = [f"--out_dir={run_dir}", "--start=Once 🙂", "--max_new_tokens=30", "--seed=7", "--device=cpu"]
-    sample.main(args + ["--top_p=0.9", "--num_samples=2"])
-    streamed = capsys.readouterr().out
     model, _ = load_model(run_dir, "cpu")
     tok = load_tokenizer(run_dir)
-    gen = torch.Generator().manual_seed(7)
-    idx = torch.tensor([tok.encode("Once 🙂")])
-    expected = ""
-    for _ in range(2):
-        out = generate(model, idx, 30, temperature=0.8, top_k=200, top_p=0.9, eot_id=tok.eot_id, generator=gen)
-        expected += tok.decode(out[0].tolist()) + sample.SEPARATOR
-    assert streamed == expected
-    # Greedy with and without the cache: the same text.
-    sample.main(args + ["--temperature=0"])
-    cached = capsys.readouterr()
-    sample.main(args + ["--temperature=0", "--no_cache"])
-    assert capsys.readouterr().out == cached.out
-    assert "KV cache: 2,048 bytes a sequence" in cached.err  # 2 layers x 1 head x 16 x 8 x K,V x fp32
+    expected = tok.decode(naive_greedy(model, tok.encode("Once 🙂"), 10, tok.eot_id)) + sample.SEPARATOR
+    args = [f"--out_dir={run_dir}", "--start=Once 🙂", "--max_new_tokens=10", "--device=cpu", "--temperature=0"]
+    for flags in ([], ["--no_cache"]):
+        sample.main(args + flags)
+        out = capsys.readouterr()
+        assert out.out == expected
+    assert "KV cache (unused: --no_cache): 2,048 bytes a sequence" in out.err  # 2 layers x 1 x 16 x 8 x K,V x fp32
+
+
+def test_sample_draws_seeded_samples_one_after_the_other(run_dir, capsys):
+    sample = load_sample_script()
+    args = [f"--out_dir={run_dir}", "--start=Once 🙂", "--max_new_tokens=30", "--device=cpu", "--top_p=0.9"]
+    sample.main(args + ["--seed=7", "--num_samples=2"])
+    two = capsys.readouterr().out
+    first, second, rest = two.split(sample.SEPARATOR)
+    assert rest == "" and first.startswith("Once 🙂") and second.startswith("Once 🙂") and first != second
+    sample.main(args + ["--seed=7"])
+    assert capsys.readouterr().out == first + sample.SEPARATOR  # the same seed, the same first sample
+    sample.main(args + ["--seed=8"])
+    assert capsys.readouterr().out != first + sample.SEPARATOR
 
 
 def test_sample_reads_the_prompt_from_a_file(run_dir, tmp_path, capsys):

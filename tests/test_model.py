@@ -232,7 +232,19 @@ def test_presets_build_and_palm_shapes_follow_the_paper():
 
 
 def test_flops_per_token_follows_appendix_b():
+    """6N + 12 L H Q T for tiny(), counted by hand: N = embedding 64 x 32 = 2048, per block LayerNorm 32,
+    in_proj 32 x (32 + 8 + 8 + 2 x 64) = 5632, attention out 32 x 32 = 1024, MLP out 64 x 32 = 2048 (8736 a
+    block, 2 blocks), final LayerNorm 32: N = 19552; 12 x 2 layers x 4 heads x 8 x 32 tokens = 24576."""
     model = PaLM(tiny())
-    c = model.config
-    expected = 6 * model.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * 32
-    assert model.flops_per_token(32) == expected
+    assert model.num_params() == 19552
+    assert model.flops_per_token(32) == 6 * 19552 + 24576 == 141888
+
+
+@pytest.mark.parametrize("tie, scale", [(True, True), (False, True), (False, False)])
+def test_initial_logits_are_order_one_tied_or_not_scaled_once(tie, scale):
+    """Tied N(0,1) embeddings need the 1/sqrt(d) logit scale (Section 5); an untied output layer is
+    initialised so that the scale, when on, is applied once: std(logits) ~ 1 in every case, not 1/sqrt(d)."""
+    torch.manual_seed(0)
+    model = PaLM(tiny(d_model=256, d_ff=1024, n_head=4, vocab_size=512, tie_embeddings=tie, logit_scale=scale))
+    logits = model(torch.randint(0, 512, (4, 32))).logits
+    assert logits.std().item() == pytest.approx(1.0, rel=0.15)

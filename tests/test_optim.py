@@ -11,12 +11,14 @@ from torch import nn
 
 from nanopalm.config import build_config
 from nanopalm.errors import UserError
+from nanopalm.model import FusedLinear
 from nanopalm.optim import (
     OptimConfig,
     PaLMAdafactor,
     apply_schedule,
     build_optimizer,
     lr_at,
+    matrix_layouts,
     micro_steps_at,
 )
 
@@ -270,3 +272,68 @@ def test_defaults_are_valid_and_paper_recipe_is_valid():
         weight_decay_mode="lr_squared",
         grad_clip=1.0,
     )
+
+
+def test_adafactor_steps_a_fused_projection_as_its_separate_matrices():
+    """T5X keeps Adafactor's statistics per matrix: q, k, v, gate and up fused in one weight take the very
+    steps they would take as five parameters (parameter scaling and update clipping per matrix)."""
+    torch.manual_seed(0)
+    splits = {"q": 8, "k": 4, "v": 4, "gate": 16, "up": 16}
+    fused = FusedLinear(6, splits, bias=False)
+    with torch.no_grad():  # matrices of very different sizes, so shared statistics would show
+        for i, rows in enumerate(fused.weight.split(list(splits.values()))):
+            rows.mul_(10.0 ** (i - 2))
+    separate = [nn.Parameter(rows.clone()) for rows in fused.weight.detach().split(list(splits.values()))]
+    opt_fused = PaLMAdafactor([fused.weight], lr=0.05, layouts=matrix_layouts(fused))
+    opt_separate = PaLMAdafactor(separate, lr=0.05)
+    assert opt_fused.layouts[fused.weight].splits == (8, 4, 4, 16, 16)
+    for step in range(4):
+        grads = [(1 + step) * torch.randn_like(p) * 10.0 ** -i for i, p in enumerate(separate)]
+        fused.weight.grad = torch.cat(grads)
+        for p, g in zip(separate, grads, strict=True):
+            p.grad = g.clone()
+        opt_fused.step()
+        opt_separate.step()
+        assert torch.equal(fused.weight.detach(), torch.cat([p.detach() for p in separate])), step
+
+    # Statistics over the whole fused tensor (what PaLMAdafactor did before) take another first step.
+    start = fused.weight.detach().clone()
+    per_matrix, whole = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+    opt_per_matrix = PaLMAdafactor([per_matrix], lr=0.05, layouts={per_matrix: opt_fused.layouts[fused.weight]})
+    opt_whole = PaLMAdafactor([whole], lr=0.05)
+    per_matrix.grad, whole.grad = fused.weight.grad.clone(), fused.weight.grad.clone()
+    opt_per_matrix.step()
+    opt_whole.step()
+    k_rows = slice(8, 12)  # k: the smallest matrix, whose step the MLP rows would set if shared
+    assert not torch.allclose(whole[k_rows] - start[k_rows], per_matrix[k_rows] - start[k_rows], rtol=0.5)
+
+
+def adafactor_loop_step(params, states, lr, k, beta1=0.9, decay=0.8, eps1=1e-30, eps2=1e-3, wd=0.0):
+    """The update as one loop of tensor operations per parameter (how PaLMAdafactor was written before it
+    went multi-tensor), whole-tensor statistics."""
+    beta2 = 1.0 - k**-decay
+    for p, state in zip(params, states, strict=True):
+        g, v, m = p.grad, state["v"], state["m"]
+        v.mul_(beta2).add_(g.square().add_(eps1), alpha=1.0 - beta2)
+        u = g / v.sqrt()
+        u.div_(u.square().mean().sqrt().clamp(min=1.0))
+        u.mul_(p.square().mean().sqrt().clamp(min=eps2) * lr)
+        m.mul_(beta1).add_(u, alpha=1.0 - beta1)
+        p.data.mul_(1.0 - lr * wd).sub_(m)
+
+
+def test_multi_tensor_adafactor_equals_the_per_parameter_loop_in_fp32():
+    torch.manual_seed(0)
+    model, reference = Tiny(), Tiny()
+    reference.load_state_dict(model.state_dict())
+    opt = PaLMAdafactor(list(model.parameters()), lr=0.05)
+    states = [{"v": torch.zeros_like(p), "m": torch.zeros_like(p)} for p in reference.parameters()]
+    idx = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(1))
+    for k in range(1, 6):
+        for net in (model, reference):
+            net.zero_grad(set_to_none=True)
+            net((idx + k) % 11).square().mean().backward()
+        opt.step()
+        adafactor_loop_step(list(reference.parameters()), states, 0.05, k)
+        for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-8, msg=f"{name} at step {k}")

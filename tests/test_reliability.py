@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from nanopalm import checkpoint as ckpt
 from nanopalm.config import build_config
+from nanopalm.errors import out_of_memory
 from nanopalm.metrics import MetricsLogger
 from nanopalm.signals import GracefulStop
 from nanopalm.trainer import Trainer, train
@@ -108,11 +109,13 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit_cleanly(char_dataset, tmp
     assert all(torch.equal(weights[k], reference[k]) for k in reference)
 
 
-def test_the_first_ctrl_c_asks_to_stop_and_a_second_stops_at_once():
+def test_the_first_ctrl_c_asks_to_stop_and_a_second_stops_at_once(capfd):
     handler = signal.getsignal(signal.SIGINT)
     with GracefulStop() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.signum == signal.SIGINT and stop.exit_code == 130
+        assert capfd.readouterr().err == ("SIGINT received: finishing this step, then saving a checkpoint; send it "
+                                          "again to stop at once, without saving\n")
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is handler
@@ -137,3 +140,63 @@ def test_a_resumed_run_keeps_each_step_once_in_its_metrics(tmp_path):
     assert lines == rows[:4] + [{"step": 3, "train_loss": 3.9}]
     MetricsLogger(tmp_path, True, False, "", {}).close()  # a new run in the same directory starts afresh
     assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_a_kill_inside_a_checkpoint_write_leaves_the_older_checkpoints_loadable(char_dataset, tmp_path, reference):
+    """Deterministic fault injection (nanopalm/faults.py): SIGKILL in the middle of the third checkpoint write,
+    after its weights are on disk and before anything is renamed."""
+    out = tmp_path / "run"
+    killed = subprocess.run(command(char_dataset, out), cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**ENV, "NANOPALM_FAULT": "checkpoint_write:kill:3"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert checkpoint_steps(out) == [0, 5]  # step 10 never got its final name
+    assert (out / "checkpoints" / "step_00000010.tmp" / ckpt.MODEL_FILE).is_file()  # it was mid-write
+    assert ckpt.find_checkpoint(out).step == 5
+    for step in (0, 5):
+        ckpt.verify_checkpoint(ckpt.checkpoint_dir(out, step))
+    run_to_the_end(char_dataset, out)
+    assert not list((out / "checkpoints").glob("*.tmp"))  # the leftover was cleaned up by the next save
+    weights = final_weights(out)
+    assert all(torch.equal(weights[k], reference[k]) for k in reference)
+
+
+OOM_LINE = ("use a smaller --batch_size with a larger --gradient_accumulation_steps (the same global batch), a "
+            "smaller --block_size, --activation_checkpointing=full, or --fsdp=True on several GPUs")
+
+
+def test_running_out_of_memory_mid_run_is_one_line_and_leaves_the_checkpoints(char_dataset, tmp_path):
+    """An allocation that fails at step 8 (fault injection: the CPU allocator's own error): exit code 3, one line
+    with what ran out and what to change, and the checkpoints of steps 0 and 5 as they were."""
+    out = tmp_path / "run"
+    result = subprocess.run(command(char_dataset, out), cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**ENV, "NANOPALM_FAULT": "train_step:oom:8"})
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.splitlines() == [f"error: out of the CPU's memory, asked for 85.4 GiB: {OOM_LINE}"]
+    assert checkpoint_steps(out) == [0, 5] and ckpt.find_checkpoint(out).step == 5
+    assert not list((out / "checkpoints").glob("*.tmp"))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs prlimit (Linux)")
+def test_a_real_allocation_failure_under_a_memory_limit_is_one_line(char_dataset, tmp_path):
+    """The user's mistake, really: `--batch_size=100000` under an 8 GB address-space limit."""
+    out = tmp_path / "run"
+    limited = ["prlimit", "--as=8000000000", *command(char_dataset, out, batch_size=100000, resume=False)]
+    result = subprocess.run(limited, cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 3, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: out of the CPU's memory, asked for ") and line.endswith(OOM_LINE)
+    assert "Traceback" not in result.stderr and checkpoint_steps(out) == []
+
+
+@pytest.mark.parametrize("message, line", [
+    ("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+     "1073741824 bytes. Error code 12 (Cannot allocate memory)", "out of the CPU's memory, asked for 1.0 GiB"),
+    ("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 3.25 GiB is "
+     "free.", "out of the GPU's memory, asked for 20.00 GiB"),
+    ("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.00 GB, max allowed: 18.13 GB). "
+     "Tried to allocate 512.00 MB on private pool.", "out of MPS memory, asked for 512.00 MB"),
+])
+def test_each_allocators_out_of_memory_error_is_recognised(message, line):
+    error = torch.OutOfMemoryError(message) if "CUDA" in message else RuntimeError(message)
+    assert out_of_memory(error) == f"{line}: {OOM_LINE}"
+    assert out_of_memory(RuntimeError("shape mismatch")) is None

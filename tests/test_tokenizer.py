@@ -126,3 +126,18 @@ def test_unknown_tokenizer_and_missing_files(tmp_path):
         get_tokenizer("bpe")
     with pytest.raises(UserError, match="no readable tokenizer in"):
         load_tokenizer(tmp_path)
+
+
+# Pinned ids: a new SentencePiece (or a change of the corpus or of the training flags) that changes the
+# vocabulary learned from the same text shows up here, not as a silent change of every dataset.
+PINNED_TEXT = "KING HENRY:\nOnce more unto the breach, 1415 friends!"
+PALM_IDS = [983, 342, 982, 453, 926, 964, 981, 953, 2, 959, 938, 314, 504, 348, 468, 934, 269, 891, 936, 329, 947,
+            932, 991, 994, 991, 995, 885, 939, 978]
+CHAR_IDS = [12, 11, 13, 9, 1, 10, 8, 13, 15, 16, 7, 0, 14, 26, 19, 21, 1, 25, 27, 28, 21, 1, 31, 26, 30, 27, 1, 30,
+            23, 21, 1, 18, 28, 21, 17, 19, 23, 3, 1, 4, 5, 4, 6, 1, 22, 28, 24, 21, 26, 20, 29, 2]
+
+
+def test_the_ids_of_a_fixed_string_are_pinned_for_every_tokenizer(palm, gpt2):
+    assert palm.encode(PINNED_TEXT) == PALM_IDS
+    assert get_tokenizer("char", texts=[PINNED_TEXT]).encode(PINNED_TEXT) == CHAR_IDS
+    assert gpt2.encode("Hello world") == [15496, 995]  # and GPT2_IDS above

@@ -1,14 +1,23 @@
 """The training loop: loss falls, accumulation is exact, resume is bitwise, spikes roll back, finetuning."""
 
+import contextlib
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RUN
 from safetensors.torch import load_file
 
 from nanopalm import checkpoint as ckpt
+from nanopalm import distributed as D
 from nanopalm.trainer import Trainer, train
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def metrics(run_dir) -> list[dict]:
@@ -54,8 +63,17 @@ def test_gradient_accumulation_gives_the_same_gradient(tiny_run):
     assert any(g.abs().max() > 1e-3 for g in grads[0].values())
 
 
-def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_run, tmp_path):
-    common = dict(dropout=0.1, max_iters=40, eval_interval=10)
+PAPER_RECIPE = dict(optimizer="adafactor", learning_rate=1e-2, lr_schedule="palm", palm_constant_steps=10,
+                    weight_decay_mode="lr_squared", z_loss=1e-4)  # the default run's recipe (PaLM Section 5)
+
+
+@pytest.mark.parametrize("recipe", [
+    dict(),  # AdamW, cosine
+    PAPER_RECIPE,  # Adafactor, palm schedule, lr^2 decay, z-loss
+    {**PAPER_RECIPE, "dtype": "bfloat16"},  # ... under bf16 autocast, as the default run on a CPU with fast bf16
+], ids=["adamw-fp32", "paper-fp32", "paper-bf16"])
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_run, tmp_path, recipe):
+    common = dict(dropout=0.1, max_iters=40, eval_interval=10, **recipe)
     train(tiny_run("straight", **common))
     train(tiny_run("stopped", **{**common, "max_iters": 20}))
     train(tiny_run("stopped", **common, resume=True))
@@ -66,27 +84,74 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_run, tmp_path)
     assert losses("straight") == losses("stopped")
 
 
-def test_a_loss_spike_rolls_back_and_skips_batches(tiny_run, tmp_path):
-    cfg = tiny_run(max_iters=30, eval_interval=10, spike_factor=3.0, spike_skip=7)
-    trainer = Trainer(cfg)
+def spike_at(trainer: Trainer, step: int, factor: float = 100.0) -> None:
+    """Multiply the loss of the first attempt at `step` by `factor`: a spike far above the running median."""
     forward = trainer.model.forward
     injected = []
 
     def spiking_forward(x, y=None):
         out = forward(x, y)
-        if y is not None and trainer.state.step == 15 and not injected:
-            injected.append(trainer.state.step)
-            out = out._replace(loss=out.loss * 100)  # a spike far above the running median
+        if y is not None and trainer.state.step == step and not injected:
+            injected.append(step)
+            out = out._replace(loss=out.loss * factor)
         return out
 
     trainer.model.forward = spiking_forward
+
+
+def assert_steps_never_run_backwards(rows: list[dict]) -> None:
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(steps), steps
+
+
+def test_a_loss_spike_rolls_back_and_skips_batches(tiny_run, tmp_path):
+    trainer = Trainer(tiny_run(max_iters=30, eval_interval=10, spike_factor=3.0, spike_skip=7))
+    spike_at(trainer, 15)
     trainer.train()
     rows = metrics(tmp_path / "run")
     (event,) = [r for r in rows if r.get("event") == "loss_spike"]
-    assert event["step"] == 15 and event["rolled_back_to"] == 10
+    assert event["spike_step"] == 15 and event["step"] == 10  # back to the newest checkpoint
     assert event["data_offset"] == 15 + 7 - 10  # step 10 now reads the batch after the skipped ones
+    assert event["skipped_data_steps"] == [10, 22]  # data steps 10..21 are never trained on
     assert trainer.state.step == 30 and trainer.state.data_offset == 12
     assert all(math.isfinite(r["train_loss"]) and r["train_loss"] < 10 for r in rows if "train_loss" in r)
+    assert_steps_never_run_backwards(rows)
+    assert [r["step"] for r in rows if "train_loss" in r] == list(range(1, 31))  # each step once
+
+
+def test_rollback_points_go_back_about_distance_steps_as_palm_did(tiny_run, tmp_path):
+    """PaLM Section 5.1: restart ~100 steps before the spike, skip 200-500 batches. Scaled down: a point every
+    5 steps, at least 10 back, 12 batches skipped past the spike; checkpoints after the point are dropped."""
+    trainer = Trainer(tiny_run(max_iters=40, eval_interval=10, rollback_interval=5, rollback_distance=10,
+                               spike_skip=12))
+    spike_at(trainer, 27)
+    trainer.train()
+    rows = metrics(tmp_path / "run")
+    (event,) = [r for r in rows if r.get("event") == "loss_spike"]
+    assert (event["spike_step"], event["step"]) == (27, 15)  # the newest point at least 10 steps back
+    assert event["skipped_data_steps"] == [15, 27 + 12]  # 24 batches skipped from the restart, the spike's too
+    assert trainer.state.step == 40 and trainer.state.data_offset == 24
+    assert_steps_never_run_backwards(rows)
+    assert [r["step"] for r in rows if "train_loss" in r] == list(range(1, 41))
+    # The checkpoint of step 20 (abandoned path) was replaced by the new path's, at 20, 30 and 40.
+    for step in (20, 30, 40):
+        assert ckpt.verify_checkpoint(ckpt.checkpoint_dir(tmp_path / "run", step)).train_state().data_offset == 24
+
+
+def test_an_in_memory_rollback_point_restores_exactly_what_a_checkpoint_does(tiny_run, tmp_path):
+    """Rolled back to step 20 from memory or from the checkpoint of step 20: bitwise the same run after."""
+    common = dict(max_iters=30, eval_interval=10, spike_skip=5, dropout=0.1, optimizer="adafactor",
+                  learning_rate=1e-2, lr_schedule="palm", weight_decay_mode="lr_squared")
+    runs = {"disk": tiny_run("disk", **common), "memory": tiny_run("memory", **common, rollback_interval=4,
+                                                                  rollback_distance=5)}
+    for name, cfg in runs.items():
+        trainer = Trainer(cfg)
+        spike_at(trainer, 26)
+        trainer.train()
+        (event,) = [r for r in metrics(tmp_path / name) if r.get("event") == "loss_spike"]
+        assert event["step"] == 20, name
+    a, b = final_weights(tmp_path / "disk"), final_weights(tmp_path / "memory")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_nan_gradient_never_reaches_the_weights(tiny_run, tmp_path):
@@ -143,3 +208,127 @@ def test_mfu_counts_the_whole_step_against_all_ranks_peak(tiny_run, tmp_path):
     trainer._log_train(loss=4.0, grad_norm=1.0, lr=1e-3, seconds=0.5, step_tokens=1000)  # 2,000 tokens/s in all
     (row,) = metrics(tmp_path / "run")
     assert row["mfu"] == pytest.approx(trainer.flops_per_token * 2000 / 2e12)
+
+
+def test_the_seeds_own_command_line_runs_as_written(char_dataset, tmp_path):
+    """`python train.py config/my_run.json --compile=False`, nanoGPT's and the seed's way to run a config."""
+    my_run = tmp_path / "my_run.json"
+    values = {**TINY_RUN, "dataset": str(char_dataset), "out_dir": str(tmp_path / "out"), "max_iters": 4,
+              "eval_interval": 4}
+    del values["compile"]
+    my_run.write_text(json.dumps(values))
+    result = subprocess.run([sys.executable, "train.py", str(my_run), "--compile=False"], cwd=REPO, text=True,
+                            capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert ckpt.find_checkpoint(tmp_path / "out").step == 4
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["compile"] is False
+
+
+def test_a_step_syncs_the_host_once_and_runs_one_collective(tiny_run, monkeypatch):
+    """Under torchrun the loss, the grad norm and the stop flags (max_minutes, signals) share ONE all-reduce,
+    and the step waits for the device once. Mocked as 2 ranks in this process (the collective is the mock)."""
+    trainer = Trainer(tiny_run(gradient_accumulation_steps=2, optimizer="adafactor", learning_rate=1e-2,
+                               lr_schedule="palm", weight_decay_mode="lr_squared"))
+    trainer.train_step()  # the optimizer state exists from here on
+    counts = {"collectives": 0, "host syncs": 0}
+
+    def all_reduce_sum(values, info):
+        counts["collectives"] += 1
+        return values * info.world_size  # two ranks with the same values
+
+    def counted(method):
+        def wrapper(self, *args, **kwargs):
+            counts["host syncs"] += 1
+            return method(self, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(trainer, "dist", D.DistInfo(rank=0, local_rank=0, world_size=2))
+    monkeypatch.setattr(D, "all_reduce_sum", all_reduce_sum)
+    monkeypatch.setattr(D, "no_grad_sync", lambda model, info, last: contextlib.nullcontext())
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    trainer.train_step()
+    assert counts == {"collectives": 1, "host syncs": 1}
+    assert trainer.state.step == 2 and not trainer.stopping
+
+
+def test_fp16_skips_overflowing_steps_counts_them_as_t5x_does_and_resumes_with_the_scaler(tiny_run, tmp_path):
+    """fp16 with a GradScaler through the real trainer: an overflow at step 6 is skipped by the scaler (weights
+    unchanged, scale halved), the step still counts, Adafactor's global k follows the trainer's step, and a run
+    resumed from step 10 (scaler state included) is bitwise the uninterrupted one."""
+    common = dict(PAPER_RECIPE, dtype="float16", spike_factor=0, max_iters=20, eval_interval=10)
+
+    def run(name: str, **overrides) -> Trainer:
+        trainer = Trainer(tiny_run(name, **{**common, **overrides}))
+        spike_at(trainer, 6, factor=1e5)  # finite loss, but its fp16 gradients overflow
+        train_step, seen = trainer.train_step, {}
+
+        def watched_train_step():
+            before = ([p.detach().clone() for p in trainer.raw_model.parameters()], trainer.scaler.get_scale())
+            train_step()
+            if trainer.state.step == 7 and "skipped" not in seen:
+                after = [p.detach() for p in trainer.raw_model.parameters()]
+                seen["skipped"] = all(torch.equal(a, b) for a, b in zip(before[0], after, strict=True))
+                seen["scale"] = (before[1], trainer.scaler.get_scale())
+
+        trainer.train_step = watched_train_step
+        trainer.train()
+        trainer.seen = seen
+        return trainer
+
+    straight = run("straight")
+    assert straight.seen["skipped"] and straight.seen["scale"][1] == straight.seen["scale"][0] / 2
+    assert straight.precision.grad_scaler and straight.state.step == 20
+    assert all(g["step"] == straight.state.step for g in straight.optimizer.param_groups)
+    run("stopped", max_iters=10)
+    resumed = Trainer(tiny_run("stopped", **common, resume=True))
+    assert resumed.scaler.get_scale() == straight.seen["scale"][1]  # the halved scale came back with the run
+    resumed.train()
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_nan_gradient_with_a_finite_loss_is_rolled_back(tiny_run, tmp_path):
+    """Not only a NaN loss: a NaN in one gradient (the loss finite) must take the spike path too."""
+    trainer = Trainer(tiny_run(max_iters=14, eval_interval=5))
+    weight = trainer.raw_model.blocks[0].in_proj.weight
+    poisoned = []
+
+    def poison(grad):
+        if trainer.state.step == 7 and not poisoned:
+            poisoned.append(7)
+            return grad.index_fill(0, torch.tensor([0]), float("nan"))
+        return grad
+
+    weight.register_hook(poison)
+    trainer.train()
+    rows = metrics(tmp_path / "run")
+    (event,) = [r for r in rows if r.get("event") == "loss_spike"]
+    assert event["spike_step"] == 7 and math.isfinite(event["loss"]) and not math.isfinite(event["grad_norm"])
+    assert trainer.state.rollbacks == 1 and trainer.state.step == 14
+    assert all(torch.isfinite(t).all() for t in final_weights(tmp_path / "run").values())
+
+
+@pytest.mark.slow
+def test_a_compiled_run_checkpoints_plain_names_and_samples(tiny_run, tmp_path, capsys):
+    """torch.compile through the real trainer (its blocks compiled in place): it trains, its checkpoint has no
+    `_orig_mod.` keys and loads into an eager model that computes the same loss, and sampling works."""
+    cfg = tiny_run(compile=True, max_iters=6, eval_interval=3, sample_tokens=12, n_layer=1)
+    result = train(cfg)
+    assert "--- a sample from the model at step 6 ---" in capsys.readouterr().out
+    weights = final_weights(tmp_path / "run")
+    assert not any("_orig_mod" in k for k in weights)
+    eager, found = ckpt.load_model(tmp_path / "run", prefer_best=False)
+    trainer = Trainer(tiny_run("eager_eval", n_layer=1, init_from=str(tmp_path / "run")))
+    assert trainer.evaluate() == pytest.approx(result["val_loss"], rel=1e-5)
+    assert found.step == 6 and eager.config.n_layer == 1
+
+
+def test_max_minutes_counts_the_training_time_of_earlier_attempts(tiny_run, tmp_path, capsys):
+    train(tiny_run(max_iters=10, eval_interval=5))
+    saved = ckpt.find_checkpoint(tmp_path / "run").train_state().seconds
+    assert 0 < saved < 60  # the training loop's wall time went into the checkpoint
+    trainer = Trainer(tiny_run(max_iters=40, eval_interval=5, resume=True, max_minutes=saved / 60 + 1e-9))
+    assert trainer.state.seconds == saved
+    trainer.train()  # the budget is all but spent: one more step, then stop and save
+    assert trainer.state.step == 11 and "max_minutes=" in capsys.readouterr().out
