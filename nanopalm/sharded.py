@@ -2,10 +2,12 @@
 of the model and of the optimizer state, all ranks at once, and any number of ranks, or one process, reads
 them back, each rank reading just the pieces its own shards need (DCP reshards on load: 2 ranks -> 1, 2 -> 4).
 
-This module is the DCP side of it: which state goes into the files and how it comes back. checkpoint.py
-does the rest as for the single-file format: the temporary directory renamed into place, a SHA-256 per file
-in meta.json, keep_last and the best one. Only tensors go through DCP; the optimizer's hyperparameters and
-the grad scaler's state travel in trainer.pt, written by rank 0 and read with torch.load(weights_only=True).
+This module is the sharded format: which state goes into the files and how it comes back
+(save_checkpoint and load_checkpoint, which checkpoint.Checkpointer calls), and its consolidation into the
+single-file format (`python -m nanopalm.checkpoint consolidate RUN`). checkpoint.py does the rest as for
+the single-file format: the temporary directory renamed into place, a SHA-256 per file in meta.json,
+keep_last and the best one. Only tensors go through DCP; the optimizer's hyperparameters and the grad
+scaler's state travel in trainer.pt, written by rank 0 and read with torch.load(weights_only=True).
 
 Loading a file may never run code (docs/RELIABILITY.md), and DCP would: it reads its index (`.metadata`)
 with pickle.load and non-tensor entries with torch.load(weights_only=False). So the index is read here by an
@@ -238,6 +240,7 @@ def consolidate(source: str | Path, out: str | Path | None = None) -> Path:
     out_dir = Path(out) if out else found.run_dir.with_name(found.run_dir.name + "-consolidated")
     if (out_dir / "checkpoints").exists():
         raise UserError(f"{out_dir} already holds checkpoints: give another --out (or remove it)")
+    tokenizer = load_tokenizer(found.run_dir)  # sample.py reads it from the run directory: first, or nothing
     weights, optimizer_state = read_whole(found.path)
     trainer_state = read_trainer_state(found.path)
     groups = trainer_state["param_groups"]
@@ -246,7 +249,7 @@ def consolidate(source: str | Path, out: str | Path | None = None) -> Path:
     meta = {k: v for k, v in found.meta.items() if k not in ("sha256", "format", "format_version", "step")}
     write_checkpoint(out_dir, found.step, weights, {"optimizer": optimizer, "scaler": trainer_state["scaler"]},
                      meta, keep_last=1)
-    load_tokenizer(found.run_dir).save(out_dir)  # sample.py reads the tokenizer from the run directory
+    tokenizer.save(out_dir)
     if (found.run_dir / "config.json").is_file():
         shutil.copyfile(found.run_dir / "config.json", out_dir / "config.json")
     return checkpoint_dir(out_dir, found.step)
@@ -260,7 +263,7 @@ def main(argv: list[str]) -> None:
     command.add_argument("--out", default=None, help="the run directory to write (default: SOURCE-consolidated)")
     args = parser.parse_args(argv)
     written = consolidate(args.source, args.out)
-    print(f"wrote {written}: python sample.py --out_dir={written.parent.parent}")
+    print(f"wrote {written}; to sample from it: python sample.py --out_dir={written.parent.parent}")
 
 
 __all__ = ["read_index", "param_groups", "state_to_save", "write", "save_checkpoint",

@@ -73,7 +73,7 @@ def test_consolidation_gives_the_one_process_file_checkpoint_of_the_same_run(one
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
     written = ckpt.checkpoint_dir(out, 12)
-    assert result.stdout == f"wrote {written}: {shlex.join(['python', 'sample.py', f'--out_dir={out}'])}\n"
+    assert result.stdout == f"wrote {written}; to sample from it: python sample.py --out_dir={out}\n"
     assert_bitwise(state(written), state(ckpt.checkpoint_dir(one_process, 12)))
     model, found = ckpt.load_model(out)
     assert found.path == written and (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
