@@ -33,7 +33,7 @@ from nanopalm.bench import (
     optimizer_step_seconds,
 )
 from nanopalm.config import load_preset, model_config, parse_overrides
-from nanopalm.device import generation_precision, pick_device, pick_precision
+from nanopalm.device import inference_precision, pick_device, pick_precision
 from nanopalm.errors import ArgumentParser, UserError, run_cli
 from nanopalm.memory import GIB, Setup, estimate, largest_batch
 from nanopalm.metrics import gpu_peak_flops, mfu
@@ -116,7 +116,7 @@ def bench_generation(args: argparse.Namespace) -> None:
     if args.threads > 0:  # on a shared CPU, fewer threads than cores avoids waiting on descheduled ones
         torch.set_num_threads(args.threads)
     config = args.model
-    precision = generation_precision(args.dtype, device)
+    precision = inference_precision(args.dtype, device)
     torch.manual_seed(0)
     model = PaLM(config).to(device).eval()
     print(f"{args.preset}: {model.num_params():,} parameters, {config.n_head} query heads, "

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from nanopalm.checkpoint import load_model
-from nanopalm.device import generation_precision, pick_device
+from nanopalm.checkpoint import load_model_and_tokenizer
+from nanopalm.device import inference_precision, pick_device
 from nanopalm.errors import ArgumentParser, UserError, run_cli
 from nanopalm.model import PaLM
 from nanopalm.sampling import check_sampling_args, generate
 from nanopalm.streaming import TextStream
-from nanopalm.tokenizer import Tokenizer, load_tokenizer
+from nanopalm.tokenizer import Tokenizer
 
 SEPARATOR = "\n---------------\n"
 
@@ -74,13 +74,9 @@ def main(argv: list[str]) -> None:
     if not out_dir.is_dir():
         what = "is a file" if out_dir.exists() else "does not exist"
         raise UserError(f"--out_dir={out_dir} {what}: give the directory of a training run")
-    model, checkpoint = load_model(out_dir, device)
-    tokenizer = load_tokenizer(checkpoint.run_dir)  # saved in the run directory by train.py
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise UserError(f"the tokenizer in {checkpoint.run_dir} has {tokenizer.vocab_size} tokens but the model "
-                        f"only {model.config.vocab_size}: this run's files do not belong together")
+    model, tokenizer, _ = load_model_and_tokenizer(out_dir, device)
     prompt_ids = tokenizer.encode(prompt)
-    precision = generation_precision(args.dtype, device)  # bf16 autocast on CUDA; the weights stay fp32
+    precision = inference_precision(args.dtype, device)  # bf16 autocast on CUDA; the weights stay fp32
 
     c, dtype = model.config, precision.dtype
     print(f"{model.num_params():,} parameters on {device} ({str(dtype).removeprefix('torch.')}); KV cache"

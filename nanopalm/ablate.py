@@ -8,7 +8,8 @@
 Every PaLM choice is a switch (SWITCHES). From the PaLM default, `palm-X` flips switch X to GPT-2's choice;
 from the GPT-2-style model, `gpt2+X` adds PaLM's choice X. Every variant holds the PaLM default's parameter
 count within 2% by its width: d_model (and d_ff = 4 d_model) is the multiple of 2 whose count comes closest,
-with depth, heads and head size unchanged. All variants train on the same data, tokenizer and budget (a time
+with depth, heads and head size unchanged (d_ff fine-tuned within 12.5% of 4 d_model where a step of d_model
+is too coarse, in small models). All variants train on the same data, tokenizer and budget (a time
 budget, --minutes, or a token budget, --tokens) for --seeds seeds each, one run after another. A finished run
 is skipped; a killed one resumes from its checkpoint (its time budget counts the time already spent).
 The results go to docs/ABLATIONS.md: one table (whole-val bits per byte, mean +- sd over seeds; tokens/s; time
@@ -91,11 +92,17 @@ def variants(which: str) -> list[Variant]:
 
 
 def equal_size(model: PaLMConfig, target: int, tolerance: float = 0.02) -> PaLMConfig:
-    """`model` at the width (d_model, a multiple of 2, with d_ff = 4 d_model) whose parameter count is closest
-    to `target`; UserError if none is within `tolerance`."""
-    widths = range(2, 4 * model.d_model + 1, 2)
-    best = min((dataclasses.replace(model, d_model=w, d_ff=4 * w) for w in widths),
-               key=lambda c: abs(param_count(c) - target))
+    """`model` resized to `target` parameters by its width: d_model (a multiple of 2, heads and depth kept)
+    with d_ff = 4 d_model, then d_ff alone fine-tuned within 4 d_model +- 12.5% where a step of d_model is too
+    coarse (small models). UserError if no width lands within `tolerance`."""
+    def sized(width: int) -> PaLMConfig:
+        plain = dataclasses.replace(model, d_model=width, d_ff=4 * width)
+        per_unit = param_count(dataclasses.replace(plain, d_ff=4 * width + 1)) - param_count(plain)
+        d_ff = round(4 * width + (target - param_count(plain)) / per_unit)
+        return dataclasses.replace(plain, d_ff=min(max(d_ff, round(3.5 * width)), round(4.5 * width)))
+
+    candidates = [sized(w) for w in range(2, 4 * model.d_model + 1, 2)]
+    best = min(candidates, key=lambda c: (abs(param_count(c) - target), abs(c.d_ff - 4 * c.d_model)))
     if abs(param_count(best) / target - 1) > tolerance:
         raise UserError(f"no width gives {model} a parameter count within {tolerance:.0%} of {target:,}")
     return best

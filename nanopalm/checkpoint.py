@@ -36,6 +36,7 @@ from nanopalm.config import RunConfig, config_from_dict
 from nanopalm.errors import UserError
 from nanopalm.faults import fault_point
 from nanopalm.model import PaLM
+from nanopalm.tokenizer import Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 2
 MODEL_FILE, TRAINER_FILE, META_FILE = "model.safetensors", "trainer.pt", "meta.json"
@@ -233,6 +234,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", prefer_best
     check_weights_fit(model, weights, found.path)
     model.load_state_dict(weights)
     return model.to(device).eval(), found
+
+
+def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "cpu"
+                             ) -> tuple[PaLM, Tokenizer, Checkpoint]:
+    """load_model, and the tokenizer train.py saved in the run directory, checked to fit the model."""
+    model, found = load_model(path, device)
+    tokenizer = load_tokenizer(found.run_dir)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"the tokenizer in {found.run_dir} has {tokenizer.vocab_size} tokens but the model "
+                        f"only {model.config.vocab_size}: this run's files do not belong together")
+    return model, tokenizer, found
 
 
 # ---- writing -------------------------------------------------------------------------------------

@@ -70,6 +70,9 @@ class TrainConfig:
         default=0, metadata={"help": "keep an in-memory rollback point every this many steps; 0 = use checkpoints"})
     rollback_distance: int = field(
         default=100, metadata={"help": "roll back to the newest point at least this many steps before a spike"})
+    full_val_tokens: int = field(
+        default=1_000_000, metadata={"help": "at the end, score the whole val split (val_bpb_full) if it has at "
+                                              "most this many tokens; 0 = off"})
     sample_tokens: int = field(default=200, metadata={"help": "tokens sampled at the end of training; 0 = off"})
     sample_prompt: str = field(default="\n", metadata={"help": "prompt for the end-of-training sample"})
     tensorboard: bool = field(default=False, metadata={"help": "also log to TensorBoard (out_dir/tb)"})
@@ -84,8 +87,8 @@ class TrainConfig:
         for name in ("rollback_interval", "rollback_distance"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        if self.max_minutes < 0 or self.spike_factor < 0 or self.spike_skip < 0 or self.sample_tokens < 0:
-            raise ValueError("max_minutes, spike_factor, spike_skip and sample_tokens must be >= 0")
+        if min(self.max_minutes, self.spike_factor, self.spike_skip, self.sample_tokens, self.full_val_tokens) < 0:
+            raise ValueError("max_minutes, spike_factor, spike_skip, sample_tokens and full_val_tokens must be >= 0")
         if self.spike_factor and self.spike_factor <= 1:
             raise ValueError(f"spike_factor={self.spike_factor} must be > 1 (or 0 to turn spike detection off)")
         if self.resume and self.init_from:

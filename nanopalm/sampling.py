@@ -67,12 +67,13 @@ def generate(
     eot_id: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
-    on_token: Callable[[torch.Tensor], None] | None = None,
+    on_token: Callable[[torch.Tensor], bool | None] | None = None,
 ) -> torch.Tensor:
     """Append up to max_new_tokens sampled tokens to idx (B, T); returns (B, T + generated).
 
     temperature 0 is greedy. A sequence that emits eot_id is finished (padded with eot_id after);
-    generation stops when all are. on_token(next_tokens) is called after every step (streaming).
+    generation stops when all are. on_token(next_tokens) is called after every step (streaming); when it
+    returns True, generation stops there (the caller's own stopping rule: the harness's stop strings).
 
     Context rule: the model sees a window of at most block_size tokens, positions counted from the
     window's start (RoPE only sees differences, so this loses nothing). A longer prompt is cropped to its
@@ -104,8 +105,8 @@ def generate(
                 next_token = torch.where(finished, eot_id, next_token)
                 finished |= next_token == eot_id
             idx = torch.cat([idx, next_token[:, None]], dim=1)
-            if on_token is not None:
-                on_token(next_token)
+            if on_token is not None and on_token(next_token):
+                break
             if eot_id is not None and finished.all():  # (no GPU sync per token when there is no eot)
                 break
     finally:

@@ -26,6 +26,7 @@ from nanopalm.config import RunConfig
 from nanopalm.data import BatchLoader, load_meta, resolve_dataset
 from nanopalm.device import pick_device, pick_precision
 from nanopalm.errors import Interrupted, UserError
+from nanopalm.evaluate import record_val_bpb_full
 from nanopalm.faults import fault_point
 from nanopalm.metrics import MetricsLogger, gpu_peak_flops, mfu
 from nanopalm.optim import apply_schedule, build_optimizer, micro_steps_at
@@ -156,6 +157,8 @@ class Trainer:
             print(f"{why} at step {self.state.step}: saving a checkpoint", flush=True)
         if self.state.step != self.saved_step:
             last_eval = self.evaluate_and_checkpoint()
+        if not self.stop.signum:  # a stop request wants out: no whole-val score, no sample
+            record_val_bpb_full(self)
         sampling = t.sample_tokens and not self.stop.signum  # a stop request wants out, not a sample
         if sampling and (self.dist.is_main or self.dist.sharded):  # FSDP: all ranks all-gather
             text = self.sample(t.sample_tokens)

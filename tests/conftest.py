@@ -3,11 +3,15 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from nanopalm.config import DEFAULT_PRESET, build_config, load_preset
+from nanopalm.data import SplitStats, load_meta, read_token_file, write_meta, write_token_file
+from nanopalm.evaluate import document_bytes
 from nanopalm.shakespeare import prepare
+from nanopalm.tokenizer import load_tokenizer
 from nanopalm.trainer import train
 
 # One thread, here and in the processes tests start: tiny models gain nothing from a second one, and two
@@ -27,7 +31,7 @@ TINY_RUN = dict(
     gradient_accumulation_steps=1, max_iters=40, max_minutes=0, eval_interval=20, eval_iters=4, log_interval=1,
     optimizer="adamw", learning_rate=3e-3, lr_schedule="cosine", warmup_iters=5, lr_decay_iters=200, min_lr=3e-4,
     palm_constant_steps=10000, weight_decay_mode="decoupled", grad_clip=1.0,
-    device="cpu", dtype="float32", compile="false", sample_tokens=0,
+    device="cpu", dtype="float32", compile="false", sample_tokens=0, full_val_tokens=0,
 )
 # Tests run tiny runs both in-process (build_config: dataclass defaults) and through `python train.py`
 # (the default preset first): overriding every key of that preset makes the two the same run.
@@ -61,4 +65,30 @@ def one_process(reference_values, tmp_path_factory) -> Path:
     """REFERENCE_RUN trained in this process, in the single-file format: its run directory."""
     out = tmp_path_factory.mktemp("one_process")
     train(build_config({**reference_values, "out_dir": str(out)}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_val_dataset(char_dataset, tmp_path_factory) -> Path:
+    """char_dataset with a val split of its first 3,000 tokens, small enough to score whole in a test."""
+    directory = tmp_path_factory.mktemp("small_val")
+    for name in ("train.bin", "tokenizer.json"):
+        (directory / name).symlink_to(char_dataset / name)
+    tokenizer, meta = load_tokenizer(char_dataset), load_meta(char_dataset)
+    val = np.array(read_token_file(char_dataset / "val.bin")[0][:3000])
+    write_token_file(directory / "val.bin", val, tokenizer.vocab_size, tokenizer.name)
+    val_stats = SplitStats(int((val == tokenizer.eot_id).sum()), len(val), document_bytes(val, tokenizer))
+    train_stats = SplitStats(meta["train_documents"], meta["train_tokens"], 0)  # train bytes: not in meta.json
+    write_meta(directory, tokenizer, meta["source"], train_stats, val_stats)
+    return directory
+
+
+EVAL_RUN = dict(TINY_RUN, block_size=128, max_iters=40, eval_interval=40)  # a line of verse fits in a window
+
+
+@pytest.fixture(scope="session")
+def eval_run(small_val_dataset, tmp_path_factory) -> Path:
+    """A run directory: EVAL_RUN trained on small_val_dataset (what eval.py and the harness tests read)."""
+    out = tmp_path_factory.mktemp("eval_run") / "run"
+    train(build_config({**EVAL_RUN, "dataset": str(small_val_dataset), "out_dir": str(out)}))
     return out

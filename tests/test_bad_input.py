@@ -32,7 +32,7 @@ from nanopalm.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {"train": "train.py", "sample": "sample.py", "prepare": "data/text/prepare.py", "plot": "nanopalm/plot.py",
-           "consolidate": "-m nanopalm.checkpoint consolidate"}
+           "eval": "eval.py", "consolidate": "-m nanopalm.checkpoint consolidate"}
 READ_ONLY = "/sys/nanopalm_bad_input"  # sysfs refuses new directories, even to root
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -40,12 +40,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS
 @dataclass(frozen=True)
 class Case:
     id: str
-    cli: str  # train | sample | prepare | plot | consolidate
+    cli: str  # train | sample | prepare | plot | eval | consolidate
     args: tuple[str, ...]  # {name} is replaced by a path of the `world` fixture
     message: str  # the start of the problem and a piece of the fix, both in the one line
     subprocess: bool = False
     out: str = "{out}"  # train/prepare: the output directory that must stay as it was
     others_log: bool = False  # `datasets` logs its own complaint first: only the last line is ours
+    slow: bool = False  # tens of seconds (the harness indexes its ~15k task files)
 
 
 CASES = [
@@ -135,6 +136,18 @@ CASES = [
     Case("max_new_tokens negative", "sample", ("--max_new_tokens=-5",), "--max_new_tokens=-5 must be a positive"),
     Case("max_new_tokens not a number", "sample", ("--max_new_tokens=ten",),
          "argument --max_new_tokens: invalid int value: 'ten' (see --help)"),
+    # evaluation (eval.py)
+    Case("eval a run without a checkpoint", "eval", ("{no_checkpoint}",),
+         "no checkpoint in {no_checkpoint}: train first", out="{no_checkpoint}"),
+    Case("eval an unknown task", "eval", ("{run}", "--tasks=no_such_task"),
+         "unknown task(s) no_such_task: `lm-eval ls tasks` lists the harness's tasks", out="{run}", slow=True),
+    Case("eval a non-UTF-8 file", "eval", ("{run}", "--data_files={latin1}"),
+         "latin1.txt is not UTF-8 text (byte 14: invalid continuation byte)", subprocess=True, out="{run}"),
+    Case("eval stride zero", "eval", ("{run}", "--stride=0"), "--stride=0 must be at least 1", out="{run}"),
+    Case("eval stride of block_size", "eval", ("{run}", "--stride=32"),
+         "--stride 32 must be between 1 and block_size - 1 = 31", out="{run}"),
+    Case("eval limit zero", "eval", ("{run}", "--tasks=hellaswag", "--limit=0"), "--limit=0 must be at least 1",
+         out="{run}"),
 ]
 
 
@@ -199,6 +212,8 @@ def world(char_dataset, tmp_path_factory) -> dict[str, str]:
     paths["broken_jsonl"] = root / "broken.jsonl"
     paths["broken_jsonl"].write_text('{"text": "fine"}\n{"text": "cut short\n')
     paths["empty"] = root / "empty.txt"
+    paths["no_checkpoint"] = root / "no_checkpoint"
+    paths["no_checkpoint"].mkdir()
     paths["empty"].write_text("")
     paths["a_file"] = root / "a_file.txt"
     paths["a_file"].write_text("not a directory\n")
@@ -215,6 +230,7 @@ def argv(case: Case, world: dict[str, str]) -> tuple[list[str], Path]:
         "prepare": [f"--out_dir={out}", f"--cache_dir={world['root']}/hf_cache",
                     *([] if any(a.startswith("--tokenizer_from") for a in case.args) else ["--tokenizer=char"])],
         "plot": [],
+        "eval": ["--device=cpu"],
         "consolidate": [],
     }[case.cli]
     return base + [a.format(**world) for a in case.args], Path(out)
@@ -249,7 +265,8 @@ def script_main(cli: str):
     return module.main
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow] * c.slow) for c in CASES],
+                         ids=[c.id for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, world, request, capsys, monkeypatch):
     if case.subprocess:
         code, stdout, stderr, untouched = request.getfixturevalue("subprocess_results")[case.id]
@@ -267,5 +284,5 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, world, request, c
     assert ours.count("\n") == 1 and ours.startswith("error: "), stderr
     assert message in ours and "Traceback" not in stderr
     assert untouched, "a failed command must not write its output"
-    if case.cli == "sample":
+    if case.cli in ("sample", "eval"):
         assert stdout == ""

@@ -1,0 +1,71 @@
+"""The ablation runner end to end on a tiny model and budget: sizes, resuming, skipping, the table."""
+
+import json
+
+import pytest
+from conftest import TINY_RUN
+
+from nanopalm import ablate
+from nanopalm.config import build_config
+from nanopalm.errors import UserError
+from nanopalm.metrics import read_metrics
+from nanopalm.trainer import train
+from nanopalm.variants import GPT2_CHOICES, param_count
+
+
+def test_every_variant_is_one_switch_away_and_the_same_size():
+    palm_base = build_config(TINY_RUN).model
+    target = param_count(palm_base)
+    names = [v.name for v in ablate.variants("both")]
+    assert names[:2] == ["palm", "gpt2"] and len(names) == 2 + 2 * len(ablate.SWITCHES)
+    gpt2 = ablate.variants("gpt2")[1].values
+    assert {k: gpt2[k] for k in GPT2_CHOICES if k in gpt2} == {k: v for k, v in GPT2_CHOICES.items() if k in gpt2}
+    for v in ablate.variants("both"):
+        values = ablate.run_values(v, TINY_RUN, 0, "out", {})
+        model = build_config(values).model
+        assert abs(param_count(model) / target - 1) <= 0.02, v.name
+        assert (model.n_layer, model.n_head, model.head_dim) == (2, 2, 16)
+        assert 3.5 * model.d_model <= model.d_ff <= 4.5 * model.d_model
+        if v.name.startswith(("palm-", "gpt2+")):  # its base everywhere but the one switch and the width
+            base = ablate.run_values(ablate.variants("palm")[v.name.startswith("gpt2")], TINY_RUN, 0, "out", {})
+            mine, theirs = build_config(values).to_dict(), build_config(base).to_dict()
+            differing = {k for k in mine if mine[k] != theirs[k]} - {"d_model", "d_ff"}
+            palm_choice, gpt2_choice, _ = ablate.SWITCHES[v.switch]
+            assert differing and differing <= {*palm_choice, *gpt2_choice}, (v.name, differing)
+
+
+def test_the_ablation_runs_resumes_a_killed_run_skips_finished_ones_and_writes_the_table(small_val_dataset,
+                                                                                          tmp_path, capsys):
+    preset = tmp_path / "base.json"
+    preset.write_text(json.dumps({**TINY_RUN, "dataset": str(small_val_dataset), "full_val_tokens": 10_000,
+                                  "eval_interval": 5}))
+    doc, runs = tmp_path / "docs" / "ABLATIONS.md", tmp_path / "runs"
+    argv = ["--preset", str(preset), "--tokens", str(8 * 32 * 10), "--seeds", "2", "--only", "palm,gpt2,palm-rope",
+            "--out", str(runs), "--doc", str(doc)]
+    # A run killed at step 5 (its checkpoint there), as if the machine went down mid-study.
+    killed = ablate.run_values(ablate.variants("palm")[0], json.loads(preset.read_text()), 1, runs / "palm" / "seed1",
+                               {"max_iters": 5})
+    train(build_config(killed))
+    capsys.readouterr()
+    ablate.main(argv)
+    out = capsys.readouterr().out
+    assert f"resumed from {runs / 'palm' / 'seed1' / 'checkpoints' / 'step_00000005'} at step 5" in out
+    rows = read_metrics(runs / "palm" / "seed1")
+    assert [r["step"] for r in rows if "train_loss" in r] == [1, 10]  # every logged step once (log_interval 10)
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 5, 10]
+    table = [line for line in doc.read_text().splitlines() if line.startswith("| palm") or line.startswith("| gpt2")]
+    assert [line.split(" | ")[0] for line in table[:3]] == ["| palm", "| gpt2", "| palm-rope"]
+    assert "+- " in table[0] and "python -m nanopalm.ablate --preset" in doc.read_text()
+    assert (doc.parent / "ablations" / "curves.png").stat().st_size > 1000
+    results = json.loads((doc.parent / "ablations" / "results.json").read_text())
+    assert sorted(results) == ["gpt2", "palm", "palm-rope"] and all(len(r["runs"]) == 2 for r in results.values())
+    finished = {p: p.stat().st_mtime_ns for p in runs.rglob("ablation.json")}
+    assert len(finished) == 6
+    ablate.main(argv)  # everything is done: nothing retrains
+    assert "=== palm, seed 0" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("ablation.json")} == finished
+
+
+def test_unknown_variants_are_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match="--only: no variant palm-wings; the variants: palm, gpt2, palm-parallel"):
+        ablate.main(["--only", "palm,palm-wings", "--out", str(tmp_path)])
