@@ -5,9 +5,11 @@
     python bench.py --preset palm_350m --block_size=2048 --batch_size 8 --device cuda --compile false true
     python bench.py generation                          # palm_20m, 256 and 1024 tokens of context
     python bench.py generation --contexts 512 --device=cuda --new_tokens=64
+    python bench.py --activation_checkpointing none full selective   # peak memory against step time
+    python bench.py memory palm_8b --world_size 8 --gpu_memory 80     # per GPU: what fits (nanopalm/memory.py)
     python bench.py optimizer --preset seed_213m        # the optimizer step alone: AdamW vs PaLM's Adafactor
 
-Both take a preset (a model-shape or run preset from config/, or a JSON file) and any model key of
+Each takes a preset (a model-shape or run preset from config/, or a JSON file) and any model key of
 `python train.py --help` as --key=value.
 """
 
@@ -22,6 +24,7 @@ import statistics
 import torch
 
 from nanopalm.bench import (
+    estimate_and_measure,
     generation_speed,
     interleave,
     machine_name,
@@ -32,10 +35,11 @@ from nanopalm.bench import (
 from nanopalm.config import load_preset, model_config, parse_overrides
 from nanopalm.device import inference_precision, pick_device, pick_precision
 from nanopalm.errors import ArgumentParser, UserError, run_cli
+from nanopalm.memory import GIB, Setup, estimate, largest_batch
 from nanopalm.metrics import gpu_peak_flops, mfu
 from nanopalm.model import PaLM, PaLMConfig
 from nanopalm.optim import OptimConfig, build_optimizer
-from nanopalm.variants import equal_size_gpt2
+from nanopalm.variants import equal_size_gpt2, param_count
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -51,6 +55,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="auto: float32 on CPU (the targets' precision), bf16/fp16 autocast on CUDA")
     p.add_argument("--compile", nargs="+", default=["false"], choices=("false", "true"),
                    help="torch.compile off and/or on: 'false true' times both")
+    p.add_argument("--activation_checkpointing", nargs="+", default=["none"], choices=("none", "full", "selective"),
+                   help="activation checkpointing modes to time (and measure the peak memory of)")
     p.add_argument("--peak_flops", type=float, default=0.0,
                    help="peak FLOP/s for MFU (0 = the GPU's datasheet, else a matmul measured here)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
@@ -65,6 +71,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="autocast precision; auto: bf16 on CUDA (as sample.py), float32 elsewhere")
     g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    m = sub.add_parser("memory", help="per-GPU memory of a run for DDP and FSDP2 and each activation-checkpointing "
+                                      "mode, and the largest micro-batch that fits (an estimate: nanopalm/memory.py)")
+    m.add_argument("preset", nargs="?", default="palm_1b", help="a preset from config/ or a JSON file")
+    m.add_argument("--world_size", type=int, default=8, help="GPUs (ranks) in all")
+    m.add_argument("--gpu_memory", type=float, default=80.0, help="GiB of one GPU")
+    m.add_argument("--reserve", type=float, default=0.1,
+                   help="share of it left free for what the estimate does not count: the CUDA context, NCCL's "
+                        "buffers, the caching allocator's fragmentation")
+    m.add_argument("--optimizer", choices=("adamw", "adafactor"), default=None, help="(default: the preset's)")
+    m.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    m.add_argument("--gradient_accumulation_steps", type=int, default=0,
+                   help="micro-batches a step, all ranks together (default: the preset's, else 2 a rank)")
+    m.add_argument("--measure", type=int, default=0, metavar="BATCH",
+                   help="also train a step of BATCH sequences here, one process, in each checkpointing mode, and "
+                        "print the estimate against the measured peak (the CPU: PyTorch's MemTracker)")
+    m.add_argument("--device", default="auto", help="where --measure runs: auto | cpu | cuda | cuda:N")
     o = sub.add_parser("optimizer", help="the optimizer step alone: AdamW against PaLM's Adafactor")
     o.add_argument("--preset", default="seed_213m", help="a preset from config/ or a JSON file")
     o.add_argument("--steps", type=int, default=5, help="timed steps per optimizer; the median is reported")
@@ -74,10 +96,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     overrides = parse_overrides(extra)  # --key=value model keys
     if args.what == "generation":
         overrides.setdefault("block_size", args.block_size)
+    elif args.what == "memory":
+        if args.world_size < 1 or args.gpu_memory <= 0 or not 0 <= args.reserve < 1:
+            raise UserError("--world_size must be >= 1, --gpu_memory > 0 and --reserve in [0, 1)")
     elif args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.batch_size < 0:
         raise UserError("--steps and --repeats must be >= 1, --warmup and --batch_size >= 0")
     args.model = model_config(args.preset, overrides)
-    args.preset_batch_size = load_preset(args.preset).get("batch_size")
+    preset = load_preset(args.preset)
+    args.preset_batch_size = preset.get("batch_size")
+    if args.what == "memory":
+        args.optimizer = args.optimizer or preset.get("optimizer", "adamw")
+        args.gradient_accumulation_steps = (args.gradient_accumulation_steps
+                                            or preset.get("gradient_accumulation_steps") or 2 * args.world_size)
     return args
 
 
@@ -143,11 +173,14 @@ def bench_training(args: argparse.Namespace) -> None:
     models = [(args.preset, config)]
     if args.compare:
         models.append(("GPT-2-style", equal_size_gpt2(config)))
-    benches = [make_train_bench(name, cfg, batch_size, device, dtype, flag == "true")
-               for flag in args.compile for name, cfg in models]
-    compiled = [flag for flag in args.compile for _ in models]
+    variants = [(flag, mode) for flag in args.compile for mode in args.activation_checkpointing]
+    benches = [make_train_bench(name, cfg, batch_size, device, dtype, flag == "true", mode)
+               for flag, mode in variants for name, cfg in models]
+    compiled = [flag for flag, _ in variants for _ in models]
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     warmup_s = [b.warm_up(args.warmup) for b in benches]
+    for b in benches:
+        b.measure_peak()
 
     # MFU's denominator: the flag, the GPU's datasheet (bf16/fp16 only), or a matmul measured between repeats.
     table_peak = gpu_peak_flops(device) if dtype != torch.float32 else None
@@ -172,25 +205,80 @@ def bench_training(args: argparse.Namespace) -> None:
         model = next(b.model for b in benches if b.name == name)
         print(f"- {name}: {describe(cfg)}; {model.num_params():,} parameters, "
               f"{model.flops_per_token(cfg.block_size) / 1e6:,.1f} MFLOPs/token (6N + 12LHQT)")
-    print("\n| model | compile | warm-up (s) | ms/step | tokens/s | peak memory (MiB) | model GFLOP/s | MFU |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| model | compile | checkpointing | warm-up (s) | ms/step | tokens/s | peak memory (MiB) | model GFLOP/s "
+          "| MFU |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for i, (b, flag) in enumerate(zip(benches, compiled, strict=True)):
         step_s = statistics.median(row[i] for row in seconds)
         tokens_s = b.tokens_per_step / step_s
         flops = b.model.flops_per_token(b.model.config.block_size)
         util = statistics.median(mfu(flops, b.tokens_per_step / row[i], peak)
                                  for row, peak in zip(seconds, peaks, strict=True))
-        print(f"| {b.name} | {flag} | {warmup_s[i]:.1f} | {1000 * step_s:,.1f} | {tokens_s:,.0f} | "
+        print(f"| {b.name} | {flag} | {b.activation_checkpointing} | {warmup_s[i]:.1f} | {1000 * step_s:,.1f} | "
+              f"{tokens_s:,.0f} | "
               f"{b.peak_bytes / 2**20:,.0f} | {flops * tokens_s / 1e9:,.1f} | {100 * util:.1f}% |")
     print(f"\nMFU against {statistics.median(peaks) / 1e9:,.1f} GFLOP/s ({peak_source}; "
           f"range {min(peaks) / 1e9:,.1f}-{max(peaks) / 1e9:,.1f}).")
     if device.type != "cuda":
-        print("Peak memory off CUDA: the whole process's peak resident memory (all models together).")
+        print("Peak memory off CUDA: the tensors of one step as PyTorch's MemTracker counts them (compiled models "
+              "run that step eagerly).")
     if args.compare:
-        for i in range(0, len(benches), 2):  # (PaLM, GPT-2) pairs, one per compile setting
+        for i in range(0, len(benches), 2):  # (PaLM, GPT-2) pairs, one per compile and checkpointing setting
             ratios = [row[i + 1] / row[i] for row in seconds]
-            print(f"PaLM / GPT-2-style tokens/s, compile {compiled[i]}: {statistics.median(ratios):.3f}x "
+            print(f"PaLM / GPT-2-style tokens/s, compile {compiled[i]}, checkpointing "
+                  f"{benches[i].activation_checkpointing}: {statistics.median(ratios):.3f}x "
                   f"(median of {len(ratios)} repeats, range {min(ratios):.3f}x-{max(ratios):.3f}x)")
+    for i, b in enumerate(benches):  # each checkpointing mode against none, same model and compile setting
+        j = next((j for j, a in enumerate(benches) if a.activation_checkpointing == "none" and a.name == b.name
+                  and compiled[j] == compiled[i]), None)
+        if j is not None and j != i:
+            ratios = [row[i] / row[j] for row in seconds]
+            print(f"{b.name}, compile {compiled[i]}, checkpointing {b.activation_checkpointing} against none: peak "
+                  f"memory {b.peak_bytes / benches[j].peak_bytes:.2f}x, step time {statistics.median(ratios):.2f}x "
+                  f"(median of {len(ratios)} repeats, range {min(ratios):.2f}x-{max(ratios):.2f}x)")
+
+
+def bench_memory(args: argparse.Namespace) -> None:
+    """The planner: per GPU, what a step holds at its peak, with the largest micro-batch that fits."""
+    config, world = args.model, args.world_size
+    dtype = getattr(torch, args.dtype)
+    accumulate = args.gradient_accumulation_steps > world
+    usable = args.gpu_memory * (1 - args.reserve) * GIB
+    print(f"{args.preset}: {param_count(config):,} parameters ({describe(config)}), vocabulary {config.vocab_size:,}, "
+          f"{config.block_size} tokens a sequence; {args.dtype} on CUDA, {args.optimizer}; {world} GPU(s) of "
+          f"{args.gpu_memory:g} GiB, {100 * args.reserve:g}% of it kept free ({usable / GIB:.1f} GiB planned); "
+          f"{args.gradient_accumulation_steps} micro-batches a step"
+          + (" (gradients live through the forward)" if accumulate else "") + "\n")
+    print("GiB per GPU at the peak of a step, with the largest micro-batch that fits (or with 1 sequence when "
+          "none does):\n")
+    print("| parallelism | checkpointing | micro-batch | parameters | gradients | optimizer | activations | "
+          "temporary | peak | peak falls on |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for fsdp in ((False, True) if world > 1 else (False,)):
+        name = "FSDP2" if fsdp else "DDP" if world > 1 else "one GPU"
+        for mode in ("none", "full", "selective"):
+            setup = Setup(config, world, fsdp, args.optimizer, dtype, mode, accumulate)
+            batch = largest_batch(setup, usable)
+            e = estimate(setup, batch or 1)
+            cells = (e.parameters, e.gradients, e.optimizer, e.activations, e.temporary, e.total)
+            print(f"| {name} | {mode} | {batch or 'none fits'} | " + " | ".join(f"{v / GIB:.1f}" for v in cells)
+                  + f" | {e.phase} |")
+    if args.measure:
+        measure_memory(args, dtype)
+
+
+def measure_memory(args: argparse.Namespace, dtype: torch.dtype) -> None:
+    """The estimate against the peak of a real step, one process, each checkpointing mode, an AdamW step."""
+    device = pick_device(args.device)
+    micro_batches = 2  # the gradients live through the second forward, as with accumulation
+    print(f"\nOne process on {machine_name(device)}, {args.dtype}, {args.optimizer}, {micro_batches} micro-batches "
+          f"of {args.measure} sequences a step; MiB:\n")
+    print("| checkpointing | estimated | measured | estimated / measured | peak falls on (estimate) |")
+    print("|---|---:|---:|---:|---|")
+    for mode in ("none", "full", "selective"):
+        e, measured = estimate_and_measure(args.model, args.measure, device, dtype, mode, args.optimizer, micro_batches)
+        print(f"| {mode} | {e.total / 2**20:,.1f} | {measured / 2**20:,.1f} | {e.total / measured:.3f} | {e.phase} |",
+              flush=True)
 
 
 def main(argv: list[str]) -> None:
@@ -198,6 +286,8 @@ def main(argv: list[str]) -> None:
     print(f"$ {shlex.join(['python', 'bench.py', *argv])}\n", flush=True)  # results say how they were made
     if args.what == "generation":
         bench_generation(args)
+    elif args.what == "memory":
+        bench_memory(args)
     elif args.what == "optimizer":
         bench_optimizer(args)
     else:

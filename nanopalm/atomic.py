@@ -1,16 +1,19 @@
-"""Writing files safely: atomic writes (a temporary name, then a rename), and output directories checked
-before any work, so that a bad path is one clear error and never a half-written file.
+"""Writing files safely: atomic writes of files and directories (a temporary name, then a rename), and output
+directories checked before any work, so that a bad path is one clear error and never a half-written file.
 
-An interrupted or failed write never leaves a file that looks complete, which is what lets a later run
-trust any file it finds.
+An interrupted or failed write never leaves a file (or a checkpoint directory) that looks complete, which is
+what lets a later run trust any file it finds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
-from nanopalm.errors import UserError
+from nanopalm.errors import UserError, out_of_memory
 
 
 def temporary_path(path: Path) -> Path:
@@ -47,3 +50,98 @@ def ensure_dir(path: str | Path, flag: str) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"{flag}={path} is not writable: give a directory in a writable place")
     return path
+
+
+# ---- directories, written by one process or by several at once (the ranks of a sharded checkpoint) ----
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def failure_reason(error: BaseException) -> str:
+    """The OS's reason for a failed write ("No space left on device"): torch wraps it in its own errors."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None and cause.strerror:
+        return cause.strerror
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+class WriteFailed(Exception):
+    """A write failed in some process of the group; the reason (failure_reason), the same in every one."""
+
+
+def _one(value: object) -> list:
+    return [value]
+
+
+def write_directory(final: Path, write: Callable[[Path], None], manifest: Callable[[dict[str, str]], bytes],
+                    manifest_name: str, errors: tuple[type[BaseException], ...] = (OSError, RuntimeError),
+                    share: tuple[int, int] = (0, 1), gather: Callable[[object], list] = _one) -> None:
+    """Publish directory `final` whole or not at all. `write(tmp)` fills a temporary directory, in every
+    process of a group at once (`share`: this process's index and their number; `gather`: an all-gather
+    among them); every file is then fsync'ed and hashed with SHA-256, each process its share of them; the
+    first process writes the manifest, `manifest({file: sha256})`, last, and renames the directory into
+    place (a directory already there moved aside first, never half-deleted). A failure (`errors`) in any
+    process raises WriteFailed in every one, none waiting for one that has given up; the temporary
+    directory is removed and whatever was at `final` stays as it was."""
+    tmp, old = temporary_path(final), final.with_name(final.name + ".old")
+    first, checksums = share[0] == 0, {}
+
+    def prepare() -> None:
+        if first:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+
+    def hash_share() -> None:
+        for name in sorted(p.name for p in tmp.iterdir())[share[0]::share[1]]:
+            fsync(tmp / name)
+            checksums[name] = sha256(tmp / name)
+
+    def publish() -> None:
+        if first:
+            (tmp / manifest_name).write_bytes(manifest(checksums))
+            fsync(tmp / manifest_name)
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            fsync(final.parent)
+            shutil.rmtree(old, ignore_errors=True)
+
+    def together(work: Callable[[], None]) -> None:
+        reason, error = None, None
+        try:
+            work()
+        except errors as e:
+            reason, error = failure_reason(e), e
+        reasons = [r for r in gather(reason) if r]
+        if error is not None and out_of_memory(error):
+            raise error  # not a write failure: run_cli names what ran out of memory
+        if reasons:
+            raise WriteFailed(reasons[0])
+
+    try:
+        together(prepare)
+        together(lambda: write(tmp))
+        together(hash_share)
+        for part in gather(checksums):
+            checksums.update(part)
+        together(publish)
+    except BaseException:
+        if first:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise

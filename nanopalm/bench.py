@@ -7,7 +7,6 @@ import dataclasses
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,8 +14,9 @@ from pathlib import Path
 import torch
 
 from nanopalm.device import Precision
-from nanopalm.distributed import compile_blocks
+from nanopalm.distributed import DistInfo, build_model
 from nanopalm.errors import UserError
+from nanopalm.memory import Estimate, Setup, estimate, measure
 from nanopalm.model import PaLM, PaLMConfig
 from nanopalm.optim import OptimConfig, build_optimizer
 from nanopalm.sampling import generate
@@ -88,20 +88,27 @@ class TrainBench:
     """One model being timed: full optimizer steps (forward, backward, clip, AdamW) on a fixed batch."""
 
     name: str
-    model: PaLM  # its blocks compiled in place with --compile true
+    model: PaLM  # built as train.py builds it: activation checkpointing, blocks compiled with --compile true
     optimizer: torch.optim.Optimizer
     x: torch.Tensor
     y: torch.Tensor
     dtype: torch.dtype
+    activation_checkpointing: str = "none"
     peak_bytes: int = 0
 
-    def step(self) -> None:
+    def forward_backward(self) -> None:
         with Precision(self.dtype).autocast(self.x.device):
             loss = self.model(self.x, self.y).loss
         loss.backward()
+
+    def update(self) -> None:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        self.forward_backward()
+        self.update()
 
     def warm_up(self, steps: int) -> float:
         """Untimed steps (allocator, BLAS and compile warm-up); returns the seconds they took."""
@@ -114,23 +121,33 @@ class TrainBench:
 
     def run(self, steps: int) -> float:
         """`steps` timed steps; returns their median seconds per step."""
-        device = self.x.device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         times = []
         for _ in range(steps):
-            synchronize(device)
+            synchronize(self.x.device)
             start = time.perf_counter()
             self.step()
-            synchronize(device)
+            synchronize(self.x.device)
             times.append(time.perf_counter() - start)
-        if device.type == "cuda":  # this model's own tensors plus what its steps added on top of everything
-            peak = self.resident_bytes() + torch.cuda.max_memory_allocated(device) - before
-        else:
-            peak = peak_memory()
-        self.peak_bytes = max(self.peak_bytes, peak)
         return statistics.median(times)
+
+    def measure_peak(self, parts: list[Callable[[], None]] | None = None) -> int:
+        """The peak bytes of one (untimed) step of this model, run as `parts` (default: one forward-backward,
+        then the update), after a step has made the optimizer's state. CUDA: its resident tensors plus the
+        most the step allocated on top of everything else there. The CPU, which keeps no allocator
+        statistics: PyTorch's MemTracker counts the tensors (nanopalm/memory.py); with --compile true it sees
+        the step run eagerly (a dispatch mode turns compiled code off)."""
+        device, parts = self.x.device, parts or [self.forward_backward, self.update]
+        if device.type != "cuda":
+            self.peak_bytes = measure(parts, self.model, self.optimizer)["Total"]
+            return self.peak_bytes
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        for part in parts:
+            part()
+        synchronize(device)
+        self.peak_bytes = self.resident_bytes() + torch.cuda.max_memory_allocated(device) - before
+        return self.peak_bytes
 
     def resident_bytes(self) -> int:
         """Bytes held between steps: weights, optimizer state and the batch (grads are freed each step)."""
@@ -160,28 +177,29 @@ def optimizer_step_seconds(model: PaLM, optimizer: torch.optim.Optimizer, steps:
     return statistics.median(times)
 
 
-def peak_memory() -> int:
-    """The whole process's peak resident memory: all a CPU can tell (0 where unknown, as on Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return 0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
-
-
 def make_train_bench(name: str, config: PaLMConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
-                     compile_model: bool) -> TrainBench:
-    """A model with the project's AdamW (fused on CUDA) and a fixed batch of random tokens, seeded, so
-    that two benches of the same vocabulary train on the very same tokens."""
-    torch.manual_seed(0)
-    model = PaLM(config).to(device)
-    optimizer = build_optimizer(model, OptimConfig(), device.type)
+                     compile_model: bool, activation_checkpointing: str = "none", optimizer_name: str = "adamw"
+                     ) -> TrainBench:
+    """A model built as train.py builds it (distributed.build_model), with the project's AdamW (fused on
+    CUDA) or Adafactor, and a fixed batch of random tokens, seeded, so that two benches of the same
+    vocabulary train on the very same tokens."""
+    model, _ = build_model(config, DistInfo(), device, Precision(dtype), 0, activation_checkpointing, compile_model)
+    optimizer = build_optimizer(model, OptimConfig(optimizer=optimizer_name), device.type)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(config.vocab_size, (batch_size, config.block_size + 1), generator=gen).to(device)
-    if compile_model:
-        compile_blocks(model)  # as train.py compiles
-    return TrainBench(name, model, optimizer, tokens[:, :-1], tokens[:, 1:], dtype)
+    return TrainBench(name, model, optimizer, tokens[:, :-1], tokens[:, 1:], dtype, activation_checkpointing)
+
+
+def estimate_and_measure(config: PaLMConfig, batch_size: int, device: torch.device, dtype: torch.dtype, mode: str,
+                         optimizer_name: str = "adamw", micro_batches: int = 1) -> tuple[Estimate, int]:
+    """The memory planner's estimate of a one-process step (micro_batches forward-backwards of batch_size
+    sequences, then the update) and the step's measured peak, in bytes (TrainBench.measure_peak)."""
+    bench = make_train_bench("memory", config, batch_size, device, dtype, False, mode, optimizer_name)
+    parts = [bench.forward_backward] * micro_batches + [bench.update]
+    for part in parts:  # the optimizer's state comes with its first step
+        part()
+    setup = Setup(config, 1, False, optimizer_name, dtype, mode, micro_batches > 1, device.type)
+    return estimate(setup, batch_size), bench.measure_peak(parts)
 
 
 def interleave(benches: list[TrainBench], repeats: int, steps: int,

@@ -1,26 +1,28 @@
 """Checkpoints: safe to load, atomic to write, checked before use. One Checkpointer decides which
 checkpoint a run starts from, saves and loads it, and the run's TrainState travels as one object.
 
-A run directory holds `checkpoints/step_XXXXXXXX/`, each with
+A run directory holds `checkpoints/step_XXXXXXXX/`, each in one of two formats. Single (one process, DDP):
   model.safetensors   the weights (plain tensors: loading them can never run code)
   trainer.pt          optimizer and grad-scaler state, read with torch.load(weights_only=True)
   meta.json           the TrainState, val loss, the run config (as data) and a SHA-256 per file
-A checkpoint is written into a temporary directory, fsync'ed and renamed into place, so a crash or a
-full disk never leaves a half-written checkpoint under a final name, and the previous ones stay intact.
-Nothing non-finite is ever saved. The newest `keep_last` checkpoints are kept, plus the one with the best
-val loss. docs/RELIABILITY.md lists these promises and the tests that hold them.
+Sharded (the default under FSDP2; nanopalm/sharded.py): `.metadata` and one `__R_0.distcp` per rank, written
+by torch.distributed.checkpoint, each rank its own shards, with the same trainer.pt (hyperparameters only)
+and meta.json. Either way a checkpoint is written into a temporary directory, fsync'ed and renamed into
+place, so a crash or a full disk never leaves a half-written checkpoint under a final name, and the
+previous ones stay intact. Nothing non-finite is ever saved. The newest `keep_last` checkpoints are kept,
+plus the one with the best val loss. docs/RELIABILITY.md lists these promises and the tests that hold them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import functools
 import json
 import math
-import os
 import pickle
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,15 +30,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from nanopalm import atomic
 from nanopalm import distributed as D
 from nanopalm.config import RunConfig, config_from_dict
-from nanopalm.errors import UserError, out_of_memory
+from nanopalm.errors import UserError
 from nanopalm.faults import fault_point
 from nanopalm.model import PaLM
 from nanopalm.tokenizer import Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 2
 MODEL_FILE, TRAINER_FILE, META_FILE = "model.safetensors", "trainer.pt", "meta.json"
+SHARD_INDEX = ".metadata"  # torch.distributed.checkpoint's index of a sharded checkpoint (sharded.INDEX_FILE)
+REQUIRED_FILES = {"single": {MODEL_FILE, TRAINER_FILE}, "sharded": {SHARD_INDEX, TRAINER_FILE}}
 _PREFIX = "step_"
 _TMP, _OLD = ".tmp", ".old"  # a checkpoint being written; one being replaced (both removed by pruning)
 
@@ -67,6 +72,10 @@ class Checkpoint:
     @property
     def run_dir(self) -> Path:
         return self.path.parent.parent  # RUN/checkpoints/step_N
+
+    @property
+    def sharded(self) -> bool:
+        return self.meta.get("format") == "sharded"
 
     def config(self) -> RunConfig:
         """The config it was trained with: JSON checked key by key, never code."""
@@ -111,22 +120,6 @@ def _step_of(path: Path) -> int:
     return int(path.name[len(_PREFIX):])
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ---- reading -------------------------------------------------------------------------------------
 def read_meta(path: Path) -> dict:
     try:
@@ -138,17 +131,19 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-def verify_checkpoint(path: Path) -> Checkpoint:
-    """The checkpoint at `path` after checking every file against its SHA-256; UserError if not."""
+def verify_checkpoint(path: Path, share: tuple[int, int] = (0, 1)) -> Checkpoint:
+    """The checkpoint at `path` after checking its files against their SHA-256; UserError if not.
+    share=(i, n) hashes only every n-th file from the i-th: one rank's share (Checkpointer.verify)."""
     meta = read_meta(path)
     checksums = meta.get("sha256")
-    if not isinstance(checksums, dict) or not {MODEL_FILE, TRAINER_FILE} <= set(checksums):
+    required = REQUIRED_FILES.get(meta.get("format", "single"))
+    if not isinstance(checksums, dict) or required is None or not required <= set(checksums):
         raise UserError(f"checkpoint {path} has no checksums in {META_FILE}; it is corrupt or not from nanoPALM")
-    for name, expected in checksums.items():
+    for i, (name, expected) in enumerate(sorted(checksums.items())):
         file = Path(path) / name
         if not file.is_file():
             raise UserError(f"checkpoint {path} is missing {name}; it is incomplete")
-        if _sha256(file) != expected:
+        if i % share[1] == share[0] and atomic.sha256(file) != expected:
             raise UserError(f"checkpoint {path}: {name} does not match its checksum; the file is corrupt")
     return Checkpoint(Path(path), meta)
 
@@ -163,14 +158,15 @@ def _val_loss(path: Path) -> float | None:
     return value if isinstance(value, (int, float)) else None
 
 
-def find_checkpoint(path: str | Path, prefer_best: bool = False) -> Checkpoint:
+def find_checkpoint(path: str | Path, prefer_best: bool = False,
+                    verify: Callable[[Path], Checkpoint] = verify_checkpoint) -> Checkpoint:
     """The checkpoint to use for `path`: a checkpoint directory, or a run directory (its newest good
     checkpoint, or the best by val loss with prefer_best). Corrupt ones are named and skipped."""
     path = Path(path)
     if path.is_file():
         raise UserError(f"{path} is a file: give a run directory (or one of its checkpoints/step_N directories)")
     if (path / META_FILE).is_file():
-        return verify_checkpoint(path)
+        return verify(path)
     candidates = _checkpoint_dirs(path)
     if not candidates:
         raise UserError(f"no checkpoint in {path}: train first (python train.py --out_dir={path})")
@@ -181,7 +177,7 @@ def find_checkpoint(path: str | Path, prefer_best: bool = False) -> Checkpoint:
     bad: dict[Path, str] = {}
     for candidate in order:
         try:
-            found = verify_checkpoint(candidate)
+            found = verify(candidate)
         except UserError as e:
             bad[candidate] = str(e)
             continue
@@ -192,12 +188,16 @@ def find_checkpoint(path: str | Path, prefer_best: bool = False) -> Checkpoint:
                     f"{bad[candidates[-1]]}; restore a good copy, or start again in a new --out_dir")
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's model.safetensors, as tensors on the CPU."""
+def read_weights(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights, whole tensors on the CPU, from either format."""
+    if checkpoint.sharded:
+        from nanopalm import sharded
+
+        return sharded.read_whole(checkpoint.path, with_optimizer=False)[0]
     try:
-        return load_file(Path(path) / MODEL_FILE)
+        return load_file(checkpoint.path / MODEL_FILE)
     except (SafetensorError, OSError) as e:
-        raise UserError(f"cannot read weights in {path}: {e}") from None
+        raise UserError(f"cannot read weights in {checkpoint.path}: {e}") from None
 
 
 def read_trainer_state(path: Path) -> dict:
@@ -230,7 +230,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", prefer_best
     eval.py and finetuning start from. The best checkpoint by val loss, unless prefer_best=False."""
     found = find_checkpoint(path, prefer_best=prefer_best)
     model = PaLM(found.config().model)
-    weights = read_weights(found.path)
+    weights = read_weights(found)
     check_weights_fit(model, weights, found.path)
     model.load_state_dict(weights)
     return model.to(device).eval(), found
@@ -248,73 +248,62 @@ def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "cpu
 
 
 # ---- writing -------------------------------------------------------------------------------------
-def _check_finite(step: int, states: dict) -> None:
-    """A NaN or inf in any saved tensor would poison every run resumed from it: refuse, naming the tensor."""
-    def walk(value, name: str) -> None:
+def non_finite(step: int, states: dict) -> str | None:
+    """Why checkpoint `step` must not be saved: a NaN or inf in any tensor would poison every run resumed from
+    it (the problem, naming the tensor), or None. A sharded (DTensor) tensor is checked on this rank's shard."""
+    def walk(value, name: str) -> str | None:
         if isinstance(value, torch.Tensor):
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                raise UserError(f"refusing to save checkpoint step {step}: {name} holds NaN or inf; the run "
-                                "diverged: lower --learning_rate and continue with --resume from the last checkpoint")
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                walk(item, f"{name}.{key}")
-        elif isinstance(value, (list, tuple)):
-            for i, item in enumerate(value):
-                walk(item, f"{name}.{i}")
-    for name, state in states.items():
-        walk(state, name)
+            local = D.local_shard(value)
+            if local.is_floating_point() and not torch.isfinite(local).all():
+                return (f"refusing to save checkpoint step {step}: {name} holds NaN or inf; the run diverged: "
+                        "lower --learning_rate and continue with --resume from the last checkpoint")
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list | tuple) \
+            else ()
+        return next((p for key, item in items if (p := walk(item, f"{name}.{key}"))), None)
+    return next((p for name, state in states.items() if (p := walk(state, name))), None)
 
 
-def _write_failure(error: BaseException) -> str:
-    """The OS's reason for a failed write ("No space left on device"): torch wraps it in its own errors."""
-    cause: BaseException | None = error
-    while cause is not None and not isinstance(cause, OSError):
-        cause = cause.__cause__ or cause.__context__
-    if cause is not None and cause.strerror:
-        return cause.strerror
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+def write_atomically(run_dir: Path, step: int, write: Callable[[Path], None], meta: dict, keep_last: int,
+                     info: D.DistInfo | None = None) -> Path:
+    """Checkpoint `step`: its files written by `write(tmp)` (on every rank of `info`, if given) into a
+    temporary directory, hashed (each rank its share), meta.json last, renamed into place by rank 0, which
+    then prunes. meta must hold `config` and `val_loss`. A failed write (disk full, ...) on any rank is a
+    UserError on every rank and leaves the previous checkpoints as they were."""
+    info = info or D.DistInfo()
+    final = checkpoint_dir(run_dir, step)
+
+    def manifest(checksums: dict[str, str]) -> bytes:
+        full = {**meta, "step": step, "format_version": FORMAT_VERSION, "sha256": checksums}
+        return (json.dumps(full, indent=2, sort_keys=True) + "\n").encode()
+    try:
+        atomic.write_directory(final, write, manifest, META_FILE, (OSError, RuntimeError, SafetensorError),
+                               (info.rank, info.world_size), functools.partial(D.all_gather, info=info))
+    except atomic.WriteFailed as e:
+        raise UserError(f"cannot write checkpoint {final} ({e}): the previous checkpoints are intact; free space "
+                        "on that disk (or fix its permissions), then continue with --resume") from None
+    if info.is_main:
+        prune_checkpoints(run_dir, keep_last)
+    return final
 
 
 def write_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tensor], trainer_state: dict,
                      meta: dict, keep_last: int) -> Path:
-    """Write checkpoint `step` atomically, then prune old ones. meta must hold `config` and `val_loss`.
+    """Write single-file checkpoint `step` atomically (one process: rank 0), then prune old ones."""
+    problem = non_finite(step, {"model": model_state, "trainer": trainer_state})
+    if problem:
+        raise UserError(problem)
 
-    A failed write (disk full, ...) is a UserError and leaves the previous checkpoints as they were."""
-    final = checkpoint_dir(run_dir, step)
-    tmp, old = final.with_name(final.name + _TMP), final.with_name(final.name + _OLD)
-    _check_finite(step, {"model": model_state, "trainer": trainer_state})
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    def write(tmp: Path) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / MODEL_FILE)
         fault_point("checkpoint_write")
         with open(tmp / TRAINER_FILE, "wb") as f:  # a Python file: a full disk surfaces as OSError(ENOSPC)
             torch.save(trainer_state, f)
-        files = {name: _sha256(tmp / name) for name in (MODEL_FILE, TRAINER_FILE)}
-        meta = {**meta, "step": step, "format_version": FORMAT_VERSION, "sha256": files}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        for name in (MODEL_FILE, TRAINER_FILE, META_FILE):
-            _fsync(tmp / name)
-        if final.exists():  # re-saving a step (after a rollback): move the old one aside, never half-delete it
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync(final.parent)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (OSError, RuntimeError, SafetensorError)) and not out_of_memory(e):
-            raise UserError(f"cannot write checkpoint {final} ({_write_failure(e)}): the previous checkpoints "
-                            "are intact; free space on that disk (or fix its permissions), then continue with "
-                            "--resume") from None
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    prune_checkpoints(run_dir, keep_last)
-    return final
+    return write_atomically(run_dir, step, write, {**meta, "format": "single"}, keep_last)
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
     """Keep the newest keep_last checkpoints and the one with the lowest val loss; remove what a killed
-    writer left behind (one process writes checkpoints, so a *.tmp or *.old here is stale)."""
+    writer left behind (pruning follows a checkpoint's rename into place, so a *.tmp or *.old here is stale)."""
     for leftover in (Path(run_dir) / "checkpoints").glob(f"{_PREFIX}*"):
         if leftover.name.endswith((_TMP, _OLD)):
             shutil.rmtree(leftover, ignore_errors=True)
@@ -335,8 +324,11 @@ class Checkpointer:
     `save` and `load` are called on every rank (under FSDP2 they gather and scatter); rank 0 writes.
     """
 
-    def __init__(self, run_dir: str | Path, keep_last: int, info: D.DistInfo) -> None:
+    def __init__(self, run_dir: str | Path, keep_last: int, info: D.DistInfo, checkpoint_format: str = "auto"
+                 ) -> None:
         self.run_dir, self.keep_last, self.dist = Path(run_dir), keep_last, info
+        # What it writes (it reads either): sharded under FSDP2 unless asked otherwise, single-file elsewhere.
+        self.sharded = checkpoint_format == "sharded" or (checkpoint_format == "auto" and info.sharded)
 
     def start_point(self, resume: bool, init_from: str) -> StartPoint | None:
         """The one decision of where a run starts: its own newest good checkpoint (--resume, or torchrun
@@ -357,12 +349,24 @@ class Checkpointer:
                     return StartPoint(newest, resume=True)
             raise UserError(f"{self.run_dir} already holds a run: add --resume to continue it, or pick a new --out_dir")
         if init_from:
-            return StartPoint(find_checkpoint(init_from, prefer_best=True), resume=False)
+            return StartPoint(find_checkpoint(init_from, prefer_best=True, verify=self.verify), resume=False)
         return None
 
     def latest_good(self) -> Checkpoint:
         """The run's newest checkpoint whose files match their checksums (corrupt ones are named, skipped)."""
-        return find_checkpoint(self.run_dir)
+        return find_checkpoint(self.run_dir, verify=self.verify)
+
+    def verify(self, path: Path) -> Checkpoint:
+        """verify_checkpoint, each rank hashing its share of the files: good when every share is."""
+        problem = None
+        try:
+            found = verify_checkpoint(path, (self.dist.rank, self.dist.world_size))
+        except UserError as e:
+            problem = str(e)
+        problems = [p for p in D.all_gather(problem, self.dist) if p]
+        if problems:
+            raise UserError(problems[0])
+        return found
 
     def discard_after(self, step: int) -> None:
         """Remove the checkpoints after `step`: after a loss-spike rollback to `step` they hold the abandoned
@@ -375,25 +379,43 @@ class Checkpointer:
     def save(self, state: TrainState, val_loss: float, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              scaler: torch.amp.GradScaler, meta: dict) -> None:
         """Checkpoint step `state.step`: weights, optimizer, scaler and TrainState, with `meta` (config, ...)."""
-        model_state = D.gather_model_state(model, self.dist)
-        trainer_state = {"optimizer": D.gather_optimizer_state(model, optimizer, self.dist),
-                         "scaler": scaler.state_dict()}
-        if self.dist.is_main:
-            meta = {**meta, "train_state": dataclasses.asdict(state), "val_loss": val_loss,
-                    "world_size": self.dist.world_size, "job_id": D.job_id(), "torch_version": torch.__version__}
-            write_checkpoint(self.run_dir, state.step, model_state, trainer_state, meta, self.keep_last)
+        meta = {**meta, "train_state": dataclasses.asdict(state), "val_loss": val_loss,
+                "world_size": self.dist.world_size, "job_id": D.job_id(), "torch_version": torch.__version__}
+        if self.sharded:  # every rank writes its own shards (imported here: DCP takes a second to import)
+            from nanopalm import sharded
+
+            sharded.save_checkpoint(self.run_dir, state.step, model, optimizer, scaler, meta, self.keep_last,
+                                    self.dist)
+        else:  # gathered whole onto rank 0, which writes
+            model_state = D.gather_model_state(model, self.dist)
+            trainer_state = {"optimizer": D.gather_optimizer_state(model, optimizer, self.dist),
+                             "scaler": scaler.state_dict()}
+            if self.dist.is_main:
+                write_checkpoint(self.run_dir, state.step, model_state, trainer_state, meta, self.keep_last)
         D.barrier(self.dist)
 
     def load(self, checkpoint: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
              scaler: torch.amp.GradScaler | None = None) -> TrainState:
-        """Load the weights, and with an optimizer also its state, the scaler's and the TrainState."""
-        weights = read_weights(checkpoint.path)
-        check_weights_fit(model, weights, checkpoint.path)
-        D.scatter_model_state(model, weights, self.dist)
-        if optimizer is None:
-            return TrainState()
-        trainer_state = read_trainer_state(checkpoint.path)
-        D.scatter_optimizer_state(model, optimizer, trainer_state["optimizer"], self.dist)
-        if scaler is not None:
-            scaler.load_state_dict(trainer_state["scaler"])
-        return checkpoint.train_state()
+        """Load the weights, and with an optimizer also its state, the scaler's and the TrainState, from a
+        checkpoint of either format written by any number of ranks."""
+        if checkpoint.sharded:  # every rank reads what its own shards need
+            from nanopalm import sharded
+
+            sharded.load_checkpoint(checkpoint, model, optimizer, scaler)
+        else:
+            weights = read_weights(checkpoint)
+            check_weights_fit(model, weights, checkpoint.path)
+            D.scatter_model_state(model, weights, self.dist)
+            if optimizer is not None:
+                trainer_state = read_trainer_state(checkpoint.path)
+                D.scatter_optimizer_state(model, optimizer, trainer_state["optimizer"], self.dist)
+                if scaler is not None:
+                    scaler.load_state_dict(trainer_state["scaler"])
+        return TrainState() if optimizer is None else checkpoint.train_state()
+
+
+if __name__ == "__main__":  # python -m nanopalm.checkpoint consolidate RUN (nanopalm/sharded.py)
+    from nanopalm.errors import run_cli
+    from nanopalm.sharded import main
+
+    raise SystemExit(run_cli(main))

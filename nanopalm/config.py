@@ -57,6 +57,10 @@ class TrainConfig:
         default="auto", metadata={"help": "torch.compile: auto (on for CUDA) | True | False"})
     tf32: bool = field(default=True, metadata={"help": "CUDA: fp32 matmuls on TF32 tensor cores; False = full fp32"})
     fsdp: bool = field(default=False, metadata={"help": "shard with FSDP2 instead of DDP (under torchrun)"})
+    activation_checkpointing: Literal["none", "full", "selective"] = field(
+        default="none", metadata={"help": "recompute in the backward: none | full (blocks) | selective (not matmuls)"})
+    checkpoint_format: Literal["auto", "single", "sharded"] = field(
+        default="auto", metadata={"help": "auto (sharded under FSDP2) | single (safetensors) | sharded (per rank)"})
     keep_last: int = field(default=3, metadata={"help": "checkpoints kept besides the best one"})
     spike_factor: float = field(
         default=3.0, metadata={"help": "a loss above this x the running median is a spike; 0 = off"})

@@ -12,6 +12,7 @@ ranks or on one process.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
@@ -21,8 +22,10 @@ from torch import nn
 
 from nanopalm.device import Precision
 from nanopalm.errors import UserError
+from nanopalm.model import PaLM, PaLMConfig
 
 # FSDP2 and torch.distributed.checkpoint take a second to import: only the FSDP2 paths import them.
+_WRAPPED = "_checkpoint_wrapped_module."  # torch's checkpoint_wrapper puts it in named_parameters()
 
 
 @dataclass(frozen=True)
@@ -82,25 +85,73 @@ def local_shard(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-# ---- compiling and wrapping ----------------------------------------------------------------------
+
+# ---- building, checkpointing, compiling and wrapping ----------------------------------------------
+def build_model(config: PaLMConfig, info: DistInfo, device: torch.device, precision: Precision, seed: int,
+                activation_checkpointing: str = "none", compile: bool = False) -> tuple[PaLM, nn.Module]:
+    """(the model, the module the training loop calls), in torchtitan's order: built on the meta device (no
+    memory at all), activation checkpointing, torch.compile per block, FSDP2 sharding; only then are the
+    parameters, FSDP2's shards, materialised on `device` and initialised there, so that no rank ever holds the
+    whole model. The init draws from `seed` as one process would (model.normal_): the same weights on any
+    number of ranks. DDP wraps last: it needs the real parameters. Build the optimizer on the model afterwards:
+    under FSDP2 it must hold the sharded (DTensor) parameters."""
+    with torch.device("meta"):
+        model = PaLM(config)
+    checkpoint_activations(model, activation_checkpointing)
+    if compile:
+        compile_blocks(model)
+    if info.sharded:
+        shard(model, precision)
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    model.init_weights()  # also rebuilds the RoPE tables, which to_empty left uninitialised
+    if not info.enabled or info.sharded:
+        return model, model
+    # The RoPE tables are constant buffers: nothing to broadcast before every forward. Gradients as views
+    # of the all-reduce buckets: one copy of them, not two (4 bytes a parameter less).
+    return model, nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
+        gradient_as_bucket_view=True)
+
+
+def _selective_policy() -> list:
+    """The ops whose outputs selective checkpointing keeps: every matmul (with a bias: addmm) and the fused
+    attention kernels. The backward then recomputes only the cheap elementwise work, LayerNorm, RoPE,
+    SwiGLU, dropout, but no matmul (torch.utils.checkpoint's selective checkpoint policy)."""
+    aten = torch.ops.aten
+    return [aten.mm.default, aten.addmm.default, aten._scaled_dot_product_flash_attention.default,
+            aten._scaled_dot_product_efficient_attention.default, aten._scaled_dot_product_cudnn_attention.default,
+            aten._scaled_dot_product_flash_attention_for_cpu.default]
+
+
+def checkpoint_activations(model: PaLM, mode: str) -> None:
+    """Activation checkpointing of every block: `full` keeps only each block's input and recomputes its
+    forward in the backward; `selective` also keeps the matmul and attention outputs (_selective_policy);
+    `none` keeps everything. Blocks are wrapped as torchtitan wraps them (torch's checkpoint_wrapper, whose
+    state_dict keys stay the block's own); the RNG state is restored before the recomputation, so dropout
+    draws the very masks of the forward and the gradients are those of `none`."""
+    if mode == "none":
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    context = functools.partial(create_selective_checkpoint_contexts, _selective_policy())
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True,
+                                             **({"context_fn": context} if mode == "selective" else {}))
+
+
 def compile_blocks(model: nn.Module) -> None:
     """torch.compile each transformer block in place, as torchtitan does: parameter names are unchanged
-    (no `_orig_mod.` in checkpoints), and FSDP2's and DDP's hooks stay outside the compiled code."""
+    (no `_orig_mod.` in checkpoints), and FSDP2's and DDP's hooks stay outside the compiled code. After
+    activation checkpointing, so that the compiler sees the recomputation."""
     for block in model.blocks:
         block.compile()
 
 
-def parallelize(model: nn.Module, info: DistInfo, device: torch.device, precision: Precision) -> nn.Module:
-    """The module the training loop calls. One process: the model. Several: DistributedDataParallel around
-    it, or (info.sharded) the model itself sharded in place by FSDP2: one all-gather unit per block, and
-    the root (the embedding, which is also the tied output layer, and the final LayerNorm). Build the
-    optimizer after this: under FSDP2 it must hold the sharded (DTensor) parameters."""
-    if not info.enabled:
-        return model
-    if not info.sharded:
-        # The RoPE tables are constant buffers: nothing to broadcast before every forward.
-        return nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+def shard(model: nn.Module, precision: Precision) -> None:
+    """FSDP2 in place: one all-gather unit per block, and the root (the embedding, which is also the tied
+    output layer, and the final LayerNorm)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=precision.fsdp_param_dtype, reduce_dtype=torch.float32)
@@ -108,24 +159,16 @@ def parallelize(model: nn.Module, info: DistInfo, device: torch.device, precisio
         # The last block's weights are needed again at once by the backward: keep them gathered (torchtitan).
         fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(model.blocks) - 1)
     fully_shard(model, mp_policy=policy)
-    return model
 
 
 # ---- the step ------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _fsdp_no_sync(model: nn.Module):
-    model.set_requires_gradient_sync(False)  # gradients accumulate unsharded, unreduced
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
-
-
 def no_grad_sync(model: nn.Module, info: DistInfo, last_micro_step: bool) -> contextlib.AbstractContextManager:
-    """Skip the gradient reduction (DDP all-reduce, FSDP2 reduce-scatter) on every micro-step but the last."""
-    if last_micro_step or not info.enabled:
+    """DDP: skip the all-reduce on every micro-step but the last (its gradients are whole on every rank
+    anyway). FSDP2 reduce-scatters every micro-step, as torchtitan does: skipping it would accumulate
+    whole, unsharded fp32 gradients on every rank (4 bytes a parameter), what sharding is there to avoid."""
+    if last_micro_step or not info.enabled or info.sharded:
         return contextlib.nullcontext()
-    return _fsdp_no_sync(model) if info.sharded else model.no_sync()
+    return model.no_sync()
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, info: DistInfo) -> torch.Tensor:
@@ -140,6 +183,15 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_gather(value: object, info: DistInfo) -> list:
+    """Every rank's `value` (any picklable object), in rank order; [value] in one process."""
+    if not info.enabled:
+        return [value]
+    values: list = [None] * info.world_size
+    dist.all_gather_object(values, value)
     return values
 
 
@@ -177,13 +229,16 @@ def scatter_model_state(model: nn.Module, state: dict[str, torch.Tensor], info: 
     set_model_state_dict(model, state, options=_full_state(saving=False))
 
 
-def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+def param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """The name of each parameter in torch's optimizer numbering (0, 1, ... through the param groups)."""
-    names = {param: name for name, param in model.named_parameters()}
+    # The state_dict names: without the prefix of activation checkpointing's wrapper (checkpoint_activations).
+    names = {param: name.replace(_WRAPPED, "") for name, param in model.named_parameters()}
     return [names[p] for group in optimizer.param_groups for p in group["params"]]
 
 
-def _renumber(state: dict, key: dict) -> dict:
+def renumber_optimizer_state(state: dict, key: dict) -> dict:
+    """An optimizer state dict with each parameter's key (its state, its group entries) mapped through `key`:
+    torch's numbering (0, 1, ...) <-> parameter names (DCP's)."""
     return {"state": {key[k]: v for k, v in state["state"].items()},
             "param_groups": [{**g, "params": [key[k] for k in g["params"]]} for g in state["param_groups"]]}
 
@@ -197,8 +252,8 @@ def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, i
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     full = get_optimizer_state_dict(model, optimizer, options=_full_state(saving=True))  # keyed by parameter name
-    names = _param_names(model, optimizer)
-    return _renumber(full, {name: i for i, name in enumerate(names)}) if full else {}
+    names = param_names(model, optimizer)
+    return renumber_optimizer_state(full, {name: i for i, name in enumerate(names)}) if full else {}
 
 
 def scatter_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, info: DistInfo) -> None:
@@ -208,5 +263,5 @@ def scatter_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, 
         return
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    by_name = _renumber(state, dict(enumerate(_param_names(model, optimizer))))
+    by_name = renumber_optimizer_state(state, dict(enumerate(param_names(model, optimizer))))
     set_optimizer_state_dict(model, optimizer, by_name, options=_full_state(saving=False))

@@ -226,6 +226,19 @@ class SerialBlock(nn.Module):
         return x + self.drop(self.mlp(*self.mlp_in(self.norm2(x))))
 
 
+def normal_(param: torch.Tensor, std: float) -> None:
+    """param ~ N(0, std^2), in place. A parameter sharded by FSDP2 (a DTensor) is drawn whole on its device and
+    each rank keeps its own rows: the values of an unsharded init from the same seed, on any number of ranks,
+    for the memory of one whole parameter at a time (DTensor's own random ops draw each shard apart)."""
+    if not hasattr(param, "placements"):
+        nn.init.normal_(param, std=std)
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    whole = torch.empty(param.shape, dtype=param.dtype, device=param.device).normal_(std=std)
+    param.copy_(distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None))
+
+
 class LMOutput(NamedTuple):
     logits: torch.Tensor | None  # (B, T, vocab), when no targets are given
     loss: torch.Tensor | None  # the training loss, cross-entropy + z-loss: what backward() is called on
@@ -259,22 +272,22 @@ class PaLM(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear) and module is not self.lm_head:
                 if c.init == "palm":
-                    nn.init.normal_(module.weight, std=module.in_features ** -0.5)
+                    normal_(module.weight, std=module.in_features ** -0.5)
                 else:
                     residual = name.endswith((".attn.out", ".mlp.out"))
-                    nn.init.normal_(module.weight, std=0.02 * ((2 * c.n_layer) ** -0.5 if residual else 1.0))
+                    normal_(module.weight, std=0.02 * ((2 * c.n_layer) ** -0.5 if residual else 1.0))
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, LayerNorm):
                 nn.init.ones_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        nn.init.normal_(self.wte.weight, std=1.0 if c.init == "palm" else 0.02)
+        normal_(self.wte.weight, std=1.0 if c.init == "palm" else 0.02)
         if self.wpe is not None:
-            nn.init.normal_(self.wpe.weight, std=0.02)
+            normal_(self.wpe.weight, std=0.02)
         if self.lm_head is not None:  # untied: logits O(1) whether or not they are scaled by 1/sqrt(d), never
             std = (1.0 if c.logit_scale else c.d_model ** -0.5) if c.init == "palm" else 0.02  # scaled twice
-            nn.init.normal_(self.lm_head.weight, std=std)
+            normal_(self.lm_head.weight, std=std)
         if c.pos_emb == "rope":
             cos, sin = rope_tables(c.head_dim, c.block_size, c.rope_base)
             self.rope_cos.copy_(cos)

@@ -29,7 +29,6 @@ from nanopalm.errors import Interrupted, UserError
 from nanopalm.evaluate import record_val_bpb_full
 from nanopalm.faults import fault_point
 from nanopalm.metrics import MetricsLogger, gpu_peak_flops, mfu
-from nanopalm.model import PaLM
 from nanopalm.optim import apply_schedule, build_optimizer, micro_steps_at
 from nanopalm.plot import plot_runs
 from nanopalm.sampling import generate
@@ -90,7 +89,7 @@ class Trainer:
         self.data_dir = prepared_dataset(t.dataset, self.dist)
         self.data_meta = load_meta(self.data_dir)
         self.tokenizer_sha256 = tokenizer_fingerprint(self.data_dir)  # read once: every checkpoint records it
-        self.checkpointer = Checkpointer(self.out_dir, t.keep_last, self.dist)
+        self.checkpointer = Checkpointer(self.out_dir, t.keep_last, self.dist, t.checkpoint_format)
         start = self.checkpointer.start_point(t.resume, t.init_from)
         self.cfg, overridden = effective_config(cfg, start)
         if overridden and self.dist.is_main:
@@ -98,12 +97,9 @@ class Trainer:
         if start is not None:
             self._check_tokenizer(start.checkpoint.meta)
 
-        torch.manual_seed(t.seed)
-        self.raw_model = PaLM(self.cfg.model).to(self.device)
-        if t.compile is True or (t.compile == "auto" and self.device.type == "cuda"):
-            D.compile_blocks(self.raw_model)
-        # Before the optimizer is built: under FSDP2 it holds the parameter shards (raw_model is sharded in place).
-        self.model = D.parallelize(self.raw_model, self.dist, self.device, self.precision)
+        compile_blocks = t.compile is True or (t.compile == "auto" and self.device.type == "cuda")
+        self.raw_model, self.model = D.build_model(self.cfg.model, self.dist, self.device, self.precision, t.seed,
+                                                   t.activation_checkpointing, compile_blocks)
         self.optimizer = build_optimizer(self.raw_model, self.cfg.optim, self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.grad_scaler)
         self.state = TrainState()

@@ -49,6 +49,25 @@ def tiny_run(char_dataset, tmp_path):
     return make
 
 
+# The run that two ranks (tests/test_distributed.py) and sharded checkpoints (tests/test_sharded.py) must
+# reproduce: 12 steps of 2 micro-batches of 8, checkpoints at 0, 6 and 12; dropout on, so that the masks must
+# depend neither on the number of ranks nor on activation checkpointing's recomputation.
+REFERENCE_RUN = {**TINY_RUN, "max_iters": 12, "eval_interval": 6, "gradient_accumulation_steps": 2, "dropout": 0.1}
+
+
+@pytest.fixture(scope="session")
+def reference_values(char_dataset) -> dict:
+    return {**REFERENCE_RUN, "dataset": str(char_dataset)}
+
+
+@pytest.fixture(scope="session")
+def one_process(reference_values, tmp_path_factory) -> Path:
+    """REFERENCE_RUN trained in this process, in the single-file format: its run directory."""
+    out = tmp_path_factory.mktemp("one_process")
+    train(build_config({**reference_values, "out_dir": str(out)}))
+    return out
+
+
 @pytest.fixture(scope="session")
 def small_val_dataset(char_dataset, tmp_path_factory) -> Path:
     """char_dataset with a val split of its first 3,000 tokens, small enough to score whole in a test."""

@@ -21,6 +21,8 @@ from safetensors.torch import save_file
 
 from nanopalm import checkpoint as ckpt
 from nanopalm import distributed as D
+from nanopalm import sharded
+from nanopalm.atomic import sha256
 from nanopalm.config import build_config
 from nanopalm.data import HEADER, SplitStats, write_meta, write_token_file
 from nanopalm.errors import run_cli
@@ -30,7 +32,7 @@ from nanopalm.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {"train": "train.py", "sample": "sample.py", "prepare": "data/text/prepare.py", "plot": "nanopalm/plot.py",
-           "eval": "eval.py"}
+           "eval": "eval.py", "consolidate": "-m nanopalm.checkpoint consolidate"}
 READ_ONLY = "/sys/nanopalm_bad_input"  # sysfs refuses new directories, even to root
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -38,7 +40,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS
 @dataclass(frozen=True)
 class Case:
     id: str
-    cli: str  # train | sample | prepare | eval
+    cli: str  # train | sample | prepare | plot | eval | consolidate
     args: tuple[str, ...]  # {name} is replaced by a path of the `world` fixture
     message: str  # the start of the problem and a piece of the fix, both in the one line
     subprocess: bool = False
@@ -92,6 +94,13 @@ CASES = [
     Case("tokenizer mismatch", "train", ("--init_from={run}", "--dataset={other_tokenizer}"),
          "the checkpoint's tokenizer (char ", subprocess=True),
     Case("sample a corrupt run", "sample", ("--out_dir={corrupt_run}",), "no usable checkpoint in"),
+    Case("consolidate a single-file run", "consolidate", ("{run}", "--out={root}/out/consolidated"),
+         "is already a single-file checkpoint: sample.py, eval.py and --init_from read it as it is",
+         subprocess=True, out="{root}/out/consolidated"),
+    Case("consolidate into a run", "consolidate", ("{sharded_run}", "--out={run}"),
+         "already holds checkpoints: give another --out", out="{run}"),
+    Case("consolidate nothing", "consolidate", ("/no/such/run",), "no checkpoint in /no/such/run",
+         out="/no/such/run"),
     # paths: a file where a directory is expected and the reverse, missing, in a read-only place
     Case("out_dir is a file", "train", (), "--out_dir={a_file} is a file, not a directory: give a directory",
          out="{a_file}"),
@@ -176,13 +185,15 @@ def world(char_dataset, tmp_path_factory) -> dict[str, str]:
     stats = SplitStats(1, len(tokens), len(tokens))
     write_meta(other, tok, "test", stats, stats)
 
-    def run(name: str) -> Path:
-        trainer = Trainer(build_config({**TINY_RUN, "dataset": str(char_dataset), "out_dir": str(root / name)}))
-        trainer.save(val_loss=4.0)
+    def run(name: str, **overrides) -> Path:
+        values = {**TINY_RUN, "dataset": str(char_dataset), "out_dir": str(root / name), **overrides}
+        Trainer(build_config(values)).save(val_loss=4.0)
         return ckpt.checkpoint_dir(root / name, 0)
 
     run("run")
     paths["run"] = root / "run"
+    run("sharded_run", checkpoint_format="sharded")
+    paths["sharded_run"] = root / "sharded_run"
     corrupt = run("corrupt_run")
     paths["corrupt_run"] = root / "corrupt_run"
     (corrupt / ckpt.MODEL_FILE).write_bytes((corrupt / ckpt.MODEL_FILE).read_bytes()[:-10])
@@ -191,7 +202,7 @@ def world(char_dataset, tmp_path_factory) -> dict[str, str]:
     wider = PaLM(PaLMConfig(**{**build_config({**TINY_RUN}).model.to_dict(), "d_model": 48}))
     save_file(wider.state_dict(), other_shape / ckpt.MODEL_FILE)
     meta = json.loads((other_shape / ckpt.META_FILE).read_text())
-    meta["sha256"][ckpt.MODEL_FILE] = ckpt._sha256(other_shape / ckpt.MODEL_FILE)
+    meta["sha256"][ckpt.MODEL_FILE] = sha256(other_shape / ckpt.MODEL_FILE)
     (other_shape / ckpt.META_FILE).write_text(json.dumps(meta))
 
     paths["broken_preset"] = root / "broken.json"
@@ -220,6 +231,7 @@ def argv(case: Case, world: dict[str, str]) -> tuple[list[str], Path]:
                     *([] if any(a.startswith("--tokenizer_from") for a in case.args) else ["--tokenizer=char"])],
         "plot": [],
         "eval": ["--device=cpu"],
+        "consolidate": [],
     }[case.cli]
     return base + [a.format(**world) for a in case.args], Path(out)
 
@@ -235,8 +247,8 @@ def subprocess_results(world) -> dict[str, tuple[int, str, str, bool]]:
     def run(case: Case) -> tuple[int, str, str, bool]:
         args, out = argv(case, world)
         before = files_under(out)
-        result = subprocess.run([sys.executable, SCRIPTS[case.cli], *args], cwd=REPO, env=ENV, capture_output=True,
-                                text=True, timeout=300)
+        result = subprocess.run([sys.executable, *SCRIPTS[case.cli].split(), *args], cwd=REPO, env=ENV,
+                                capture_output=True, text=True, timeout=300)
         return result.returncode, result.stdout, result.stderr, files_under(out) == before
 
     cases = [c for c in CASES if c.subprocess]
@@ -245,6 +257,8 @@ def subprocess_results(world) -> dict[str, tuple[int, str, str, bool]]:
 
 
 def script_main(cli: str):
+    if cli == "consolidate":
+        return lambda args: sharded.main(["consolidate", *args])
     spec = importlib.util.spec_from_file_location(f"{cli}_script", REPO / SCRIPTS[cli])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from nanopalm import checkpoint as ckpt
+from nanopalm.atomic import sha256
 from nanopalm.errors import UserError, run_cli
 from nanopalm.trainer import Trainer
 
@@ -192,7 +193,7 @@ def test_a_checkpoint_carrying_a_malicious_pickle_cannot_run_code(run_with_check
     torch.save({"optimizer": RunsAShellCommand(f"touch {shlex.quote(str(marker))}"), "scaler": {}},
                path / ckpt.TRAINER_FILE)
     meta = json.loads((path / ckpt.META_FILE).read_text())
-    meta["sha256"][ckpt.TRAINER_FILE] = ckpt._sha256(path / ckpt.TRAINER_FILE)  # the checksum is no defence
+    meta["sha256"][ckpt.TRAINER_FILE] = sha256(path / ckpt.TRAINER_FILE)  # the checksum is no defence
     (path / ckpt.META_FILE).write_text(json.dumps(meta))
 
     capsys.readouterr()

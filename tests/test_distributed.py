@@ -1,5 +1,6 @@
-"""Two ranks on the CPU (torchrun, gloo): DDP and FSDP2 train exactly as one process with the same global
-batch, their checkpoints resume on one process, a killed rank is brought back from the last checkpoint."""
+"""Two ranks on the CPU (torchrun, gloo): DDP and FSDP2 start from the weights of one process and train
+exactly as one process with the same global batch, with activation checkpointing too; no rank holds the
+whole model; their checkpoints resume on one process; a killed rank is brought back from the last checkpoint."""
 
 import json
 import os
@@ -10,26 +11,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN
-from safetensors.torch import load_file
 
 from nanopalm import checkpoint as ckpt
 from nanopalm import distributed as D
+from nanopalm import sharded
 from nanopalm.config import build_config
 from nanopalm.errors import UserError
 from nanopalm.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
-# 12 steps of 2 micro-batches of 8 (one per rank under torchrun), checkpoints at 0, 6, 12; dropout on, so
-# the masks must not depend on the number of ranks either.
-RUN = {**TINY_RUN, "max_iters": 12, "eval_interval": 6, "gradient_accumulation_steps": 2, "dropout": 0.1}
 
 
-def torchrun(values: dict, script: tuple[str, ...] = ("train.py",), launcher: tuple[str, ...] = (),
+def torchrun(values: dict, script: tuple[str, ...] = ("train.py",), launcher: tuple[str, ...] = (), nproc: int = 2,
              **env: str) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=2 [launcher] script --key=value ...`, one thread per rank."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *launcher,
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *launcher,
                *script, *(f"--{k}={v}" for k, v in values.items())]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
 
@@ -41,24 +38,13 @@ def losses(run_dir: Path) -> dict[int, tuple[float, float]]:
 
 
 def weights(run_dir: Path, step: int = 12) -> dict[str, torch.Tensor]:
-    return load_file(ckpt.checkpoint_dir(run_dir, step) / ckpt.MODEL_FILE)
+    """The weights of checkpoint `step`, whichever its format."""
+    return ckpt.read_weights(ckpt.verify_checkpoint(ckpt.checkpoint_dir(run_dir, step)))
 
 
 def max_difference(a: dict[int, tuple], b: dict[int, tuple], column: int = 0) -> float:
     assert a.keys() == b.keys()
     return max(abs(a[k][column] - b[k][column]) for k in a)
-
-
-@pytest.fixture(scope="module")
-def values(char_dataset) -> dict:
-    return {**RUN, "dataset": str(char_dataset)}
-
-
-@pytest.fixture(scope="module")
-def one_process(values, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("one_process")
-    train(build_config({**values, "out_dir": str(out)}))
-    return out
 
 
 def launched(values: dict, out: Path, **flags) -> tuple[Path, subprocess.CompletedProcess]:
@@ -67,14 +53,38 @@ def launched(values: dict, out: Path, **flags) -> tuple[Path, subprocess.Complet
     return out, result
 
 
-@pytest.fixture(scope="module")
-def ddp(values, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    return launched(values, tmp_path_factory.mktemp("ddp"))
+# Activation checkpointing changes no number (tests/test_activation_checkpointing.py): both runs use it, so
+# that the comparisons with one process below hold for it under DDP and FSDP2 as well.
+FSDP = {"fsdp": True, "activation_checkpointing": "selective"}  # sharded checkpoints: the default under FSDP2
 
 
 @pytest.fixture(scope="module")
-def fsdp(values, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    return launched(values, tmp_path_factory.mktemp("fsdp"), fsdp=True)
+def ddp(reference_values, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    return launched(reference_values, tmp_path_factory.mktemp("ddp"), activation_checkpointing="full")
+
+
+@pytest.fixture(scope="module")
+def fsdp(reference_values, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    return launched(reference_values, tmp_path_factory.mktemp("fsdp"), **FSDP)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_every_rank_starts_from_the_weights_of_one_process(mode, one_process, request):
+    """Built on the meta device and initialised shard by shard (FSDP2): bitwise the init of one process."""
+    out, _ = request.getfixturevalue(mode)
+    expected = weights(one_process, 0)
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in weights(out, 0).items())
+    assert (ckpt.checkpoint_dir(out, 0) / ckpt.SHARD_INDEX).is_file() == (mode == "fsdp")
+
+
+def test_no_rank_holds_the_whole_model():
+    """FSDP2 from the meta device: a rank allocates its shards, plus one whole parameter while it draws it."""
+    result = torchrun({}, ("tests/build_sharded.py",))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(ranks) == 2
+    for rank in ranks:  # 8 blocks: the whole model is 13 times its largest parameter
+        assert rank["peak"] <= rank["whole"] / 2 + 2 * rank["largest"] < rank["whole"]
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -92,37 +102,41 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(mode, one_p
     assert all(torch.equal(tensor, mine[name]) for name, tensor in weights(out).items())
 
 
-def test_fsdp_in_bf16_runs_the_gpu_recipe(values, one_process, tmp_path):
+def test_fsdp_in_bf16_runs_the_gpu_recipe(reference_values, one_process, tmp_path):
     """FSDP2's bf16 policy (bf16 all-gathers and compute, fp32 reduction, no autocast), as on CUDA, and the
     end-of-run sample, which under FSDP2 every rank takes part in."""
-    out, result = launched(values, tmp_path / "bf16", fsdp=True, dtype="bfloat16", sample_tokens=20)
+    out, result = launched(reference_values, tmp_path / "bf16", fsdp=True, dtype="bfloat16", sample_tokens=20)
     # From fp32: bf16 rounding; docs/DISTRIBUTED.md states the bound this asserts (measured 0.004).
     assert max_difference(losses(one_process), losses(out)) < 0.005
     assert result.stdout.count("a sample from the model") == 1
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_a_checkpoint_saved_by_two_ranks_resumes_on_one(mode, values, one_process, request, tmp_path):
+def test_a_checkpoint_saved_by_two_ranks_resumes_on_one(mode, reference_values, one_process, request, tmp_path):
+    """DDP's single-file checkpoint as is; FSDP2's sharded one both as is (DCP reshards 2 -> 1) and as
+    consolidated into the single-file layout (python -m nanopalm.checkpoint consolidate)."""
     saved = ckpt.checkpoint_dir(request.getfixturevalue(mode)[0], 6)
+    single = sharded.consolidate(saved, tmp_path / "consolidated") if mode == "fsdp" else saved
     # The same layout as one process writes: full weights, optimizer state numbered as torch numbers it.
     mine = torch.load(ckpt.checkpoint_dir(one_process, 6) / ckpt.TRAINER_FILE, weights_only=True)["optimizer"]
-    theirs = torch.load(saved / ckpt.TRAINER_FILE, weights_only=True)["optimizer"]
+    theirs = torch.load(single / ckpt.TRAINER_FILE, weights_only=True)["optimizer"]
     assert theirs["param_groups"] == mine["param_groups"]
     torch.testing.assert_close(theirs["state"], mine["state"], rtol=0, atol=0)  # bitwise
 
     out = tmp_path / "resumed"
     shutil.copytree(saved, ckpt.checkpoint_dir(out, 6))
-    train(build_config({**values, "out_dir": str(out), "resume": True}))
+    train(build_config({**reference_values, "out_dir": str(out), "resume": True}))
     reference = {k: v for k, v in losses(one_process).items() if k > 6}
     assert max_difference(reference, losses(out)) == 0.0
     mine = weights(one_process)
     assert all(torch.equal(tensor, mine[name]) for name, tensor in weights(out).items())
 
 
-def test_a_killed_rank_is_brought_back_from_the_last_checkpoint(values, fsdp, tmp_path):
+def test_a_killed_rank_is_brought_back_from_the_last_checkpoint(reference_values, fsdp, tmp_path):
     """torchrun --max_restarts=1: rank 1 dies at step 9; both ranks restart and resume from step 6."""
     out = tmp_path / "elastic"
-    result = torchrun({**values, "out_dir": out, "fsdp": True}, ("tests/dying_train.py", "9"), ("--max_restarts=1",),
+    result = torchrun({**reference_values, "out_dir": out, **FSDP}, ("tests/dying_train.py", "9"),
+                      ("--max_restarts=1",),
                       TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # see docs/DISTRIBUTED.md, "Elastic restarts"
     assert result.returncode == 0, result.stderr[-3000:]
     assert "exitcode: 13" in result.stderr  # the rank really died
@@ -146,8 +160,8 @@ def test_a_restart_continues_only_its_own_job(fsdp, monkeypatch):
         checkpointer.start_point(resume=False, init_from="")  # an earlier run in out_dir still needs --resume
 
 
-def test_the_ranks_must_divide_the_global_batch(values, tmp_path):
-    result = torchrun({**values, "out_dir": tmp_path / "odd", "gradient_accumulation_steps": 3})
+def test_the_ranks_must_divide_the_global_batch(reference_values, tmp_path):
+    result = torchrun({**reference_values, "out_dir": tmp_path / "odd", "gradient_accumulation_steps": 3})
     assert result.returncode != 0 and "exitcode  : 2" in result.stderr
     errors = {line for line in result.stderr.splitlines() if line.startswith("error: ")}
     assert errors == {"error: gradient_accumulation_steps=3 must be a multiple of the number of ranks (2): the "
@@ -165,10 +179,10 @@ def test_adafactor_statistics_of_unevenly_sharded_matrices_are_those_of_the_whol
     assert max(found["max_abs_diff"].values()) < 1e-6, found  # measured: 0.0
 
 
-def test_restarts_without_the_rendezvous_workaround_are_warned_about(values, tmp_path, monkeypatch):
+def test_restarts_without_the_rendezvous_workaround_are_warned_about(reference_values, tmp_path, monkeypatch):
     """torchrun --max_restarts under the shared rendezvous store (pytorch#135712): rank 0 says how to avoid it."""
     monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
-    result = torchrun({**values, "out_dir": tmp_path / "warned", "max_iters": 1, "eval_interval": 1},
+    result = torchrun({**reference_values, "out_dir": tmp_path / "warned", "max_iters": 1, "eval_interval": 1},
                       launcher=("--max_restarts=1",))
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stdout.splitlines() if line.startswith("warning: restarts")]

@@ -224,6 +224,11 @@ def test_presets_build_and_palm_shapes_follow_the_paper():
     assert param_count(model_config("palm_125m")) == pytest.approx(125e6, rel=0.15)
     assert param_count(model_config("palm_350m")) == pytest.approx(350e6, rel=0.15)
     assert param_count(model_config("palm_1b")) == pytest.approx(1e9, rel=0.15)
+    # PaLM-8B with the paper's 256k vocabulary: Table 1's 8.63B parameters, 32 layers of 16 heads of 256.
+    palm_8b = model_config("palm_8b", {"vocab_size": 256000})
+    assert param_count(palm_8b) == pytest.approx(8.63e9, abs=0.005e9)
+    assert (palm_8b.n_layer, palm_8b.d_model, palm_8b.n_head, palm_8b.head_dim, palm_8b.block_size) == \
+        (32, 4096, 16, 256, 2048)
 
 
 def test_flops_per_token_follows_appendix_b():
