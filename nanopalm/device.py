@@ -33,6 +33,20 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes this device can still give: the GPU's free memory, MPS's recommended limit less what it holds,
+    or the RAM the kernel says is available (Linux); None where it cannot tell."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 @functools.cache
 def cpu_bf16_is_fast() -> bool:
     """True when this CPU multiplies bf16 matrices faster than fp32 ones (native bf16, e.g. AVX512-BF16

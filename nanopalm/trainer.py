@@ -24,10 +24,11 @@ from nanopalm.atomic import ensure_dir, write_atomic
 from nanopalm.checkpoint import Checkpointer, StartPoint, TrainState
 from nanopalm.config import RunConfig
 from nanopalm.data import BatchLoader, load_meta, resolve_dataset
-from nanopalm.device import pick_device, pick_precision
-from nanopalm.errors import Interrupted, UserError
+from nanopalm.device import free_memory, pick_device, pick_precision
+from nanopalm.errors import MEMORY_ADVICE, Interrupted, UserError
 from nanopalm.evaluate import record_val_bpb_full
 from nanopalm.faults import fault_point
+from nanopalm.memory import GIB, Setup, estimate
 from nanopalm.metrics import MetricsLogger, gpu_peak_flops, mfu
 from nanopalm.optim import apply_schedule, build_optimizer, micro_steps_at
 from nanopalm.plot import plot_runs
@@ -96,6 +97,7 @@ class Trainer:
             print(f"the checkpoint's model settings apply: {', '.join(overridden)}", flush=True)
         if start is not None:
             self._check_tokenizer(start.checkpoint.meta)
+        self._warn_if_memory_is_short()
 
         compile_blocks = t.compile is True or (t.compile == "auto" and self.device.type == "cuda")
         self.raw_model, self.model = D.build_model(self.cfg.model, self.dist, self.device, self.precision, t.seed,
@@ -128,6 +130,18 @@ class Trainer:
             self.tokenizer.save(self.out_dir)  # the run directory is self-contained for sampling
         self.logger = MetricsLogger(self.out_dir, self.dist.is_main, t.tensorboard, t.wandb_project,
                                     self.cfg.to_dict(), start_step=self.saved_step)
+
+    def _warn_if_memory_is_short(self) -> None:
+        """Before anything is allocated: the planner's estimate of a step's peak (nanopalm/memory.py) against
+        the memory the device has free. A warning, never a refusal: an estimate can be wrong."""
+        need = estimate(Setup.of_run(self.cfg, self.dist, self.precision, self.device), self.cfg.train.batch_size)
+        free = free_memory(self.device)
+        if self.dist.is_main and free is not None and need.total > free:
+            print(f"warning: a training step needs about {need.total / GIB:.1f} GiB of {self.device} memory at its "
+                  f"peak (the planner's estimate: parameters {need.parameters / GIB:.1f}, gradients "
+                  f"{need.gradients / GIB:.1f}, optimizer {need.optimizer / GIB:.1f}, activations "
+                  f"{need.activations / GIB:.1f}, temporary {need.temporary / GIB:.1f} GiB) but {free / GIB:.1f} GiB "
+                  f"is free, so it may run out: {MEMORY_ADVICE}", flush=True)
 
     def _check_tokenizer(self, meta: dict) -> None:
         expected, found = meta.get("tokenizer_sha256"), self.tokenizer_sha256

@@ -186,6 +186,8 @@ def test_a_real_allocation_failure_under_a_memory_limit_is_one_line(char_dataset
     (line,) = result.stderr.splitlines()
     assert line.startswith("error: out of the CPU's memory, asked for ") and line.endswith(OOM_LINE)
     assert "Traceback" not in result.stderr and checkpoint_steps(out) == []
+    warning = [line for line in result.stdout.splitlines() if line.startswith("warning: a training step needs")]
+    assert len(warning) == 1 and warning[0].endswith(OOM_LINE)  # it was said before the first step
 
 
 @pytest.mark.parametrize("message, line", [

@@ -332,3 +332,19 @@ def test_max_minutes_counts_the_training_time_of_earlier_attempts(tiny_run, tmp_
     assert trainer.state.seconds == saved
     trainer.train()  # the budget is all but spent: one more step, then stop and save
     assert trainer.state.step == 11 and "max_minutes=" in capsys.readouterr().out
+
+
+def test_a_run_that_will_not_fit_is_warned_about_before_its_first_step(tiny_run, monkeypatch, capsys):
+    """The planner's estimate of a step's peak against the device's free memory: a stated limit of 1 MiB here."""
+    monkeypatch.setattr("nanopalm.trainer.free_memory", lambda device: 1 << 20)
+    trainer = Trainer(tiny_run())
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert line.startswith("warning: a training step needs about 0.0 GiB of cpu memory at its peak (the planner's "
+                           "estimate: parameters") and line.endswith("GiB) but 0.0 GiB is free, so it may run out: use "
+                           "a smaller --batch_size with a larger --gradient_accumulation_steps (the same global "
+                           "batch), a smaller --block_size, --activation_checkpointing=full, or --fsdp=True on "
+                           "several GPUs")
+    assert trainer.state.step == 0  # a warning, not a refusal
+    monkeypatch.setattr("nanopalm.trainer.free_memory", lambda device: 1 << 40)
+    Trainer(tiny_run("roomy"))
+    assert "warning:" not in capsys.readouterr().out
