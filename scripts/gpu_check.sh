@@ -67,15 +67,29 @@ bench() {
 }
 
 GPU=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else '')" 2>>"$LOG")
-run "CUDA tests (tests/gpu)" 200 "$PYTHON" -m pytest tests/gpu -q -rs -p no:cacheprovider
+run "CUDA tests (tests/gpu)" 150 "$PYTHON" -m pytest tests/gpu -q -rs -p no:cacheprovider
+# Medium scale on one device (a GPU, or the CPU in the fallback): meta-device init, selective activation
+# checkpointing, sharded checkpoints through torch.distributed.checkpoint, resume, consolidation into one file,
+# sampling from it, on synthetic data.
+SCALE="--dataset=$OUT/synthetic --vocab_size=32 --block_size=256 --eval_interval=10 --eval_iters=2
+       --sample_tokens=0 --compile=False --activation_checkpointing=selective --checkpoint_format=sharded
+       --out_dir=$OUT/scale"
+run "medium scale: meta init, selective AC, sharded save, resume, consolidate, sample" "$([[ -n $GPU ]] && echo 80 || echo 240)" bash -c "
+    $PYTHON tests/gpu/synthetic.py $OUT/synthetic && $PYTHON train.py $SCALE --max_iters=20 &&
+    $PYTHON train.py $SCALE --max_iters=30 --resume &&
+    $PYTHON -m nanopalm.checkpoint consolidate $OUT/scale --out $OUT/scale-single &&
+    $PYTHON sample.py --out_dir=$OUT/scale-single --max_new_tokens=20"
 if [[ -n $GPU ]]; then
-    bench "seed 213M, block 512, batch 16 (target: 300k tokens/s)" 110 \
+    bench "memory planner against the CUDA allocator, default model, batch 8" 30 \
+        memory shakespeare --world_size 1 --measure 8 --device cuda
+    bench "seed 213M, block 512, batch 16 (target: 300k tokens/s)" 90 \
         --preset seed_213m --batch_size 16 --device cuda --compile false true --steps 10 --repeats 3 --warmup 3
-    bench "PaLM-shaped 350M, 2048 tokens, batch 8 (target: 45% MFU)" 140 \
+    bench "PaLM-shaped 350M, 2048 tokens, batch 8 (target: 45% MFU)" 110 \
         --preset palm_350m --batch_size 8 --device cuda --compile false true --steps 5 --repeats 3 --warmup 3
-    bench "PaLM vs GPT-2-style, palm_125m at 1024 tokens, eager" 60 \
+    bench "PaLM vs GPT-2-style, palm_125m at 1024 tokens, eager" 40 \
         --preset palm_125m --block_size=1024 --batch_size 8 --device cuda --compare --steps 5 --repeats 3
-    bench "generation, palm_20m" 40 generation --device cuda --new_tokens 32
+    bench "generation, palm_20m, bf16 autocast" 30 generation --device cuda --new_tokens 32
+    bench "Adafactor and fused AdamW steps, seed 213M" 30 optimizer --preset seed_213m --device cuda
 else
     bench "CPU fallback: PaLM vs GPT-2-style, tiny" 60 --preset tiny --compare --device cpu --steps 2 --repeats 2
     bench "CPU fallback: generation, tiny" 30 generation --preset tiny --block_size 64 --contexts 16 32 \

@@ -7,20 +7,18 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from synthetic import write_synthetic_dataset
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanopalm.config import build_config
-from nanopalm.data import SplitStats, write_dataset, write_token_file
 from nanopalm.device import Precision, pick_precision
 from nanopalm.distributed import compile_blocks
 from nanopalm.metrics import gpu_peak_flops
 from nanopalm.model import PaLM, PaLMConfig
 from nanopalm.optim import OptimConfig, build_optimizer
 from nanopalm.sampling import generate
-from nanopalm.tokenizer import CharTokenizer
 from nanopalm.trainer import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -52,24 +50,7 @@ def batch(model: PaLM, size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def synthetic_dataset(tmp_path_factory) -> Path:
-    """Learnable text without any corpus package: sentences drawn from a small grammar, seeded."""
-    rng = np.random.default_rng(0)
-    words = {"subject": ["the cat", "a dog", "my king", "the queen", "our ship"],
-             "verb": ["sees", "loves", "follows", "fears", "finds"],
-             "object": ["the sea", "a crown", "the moon", "my horse", "the storm"]}
-    docs = [" ".join(" ".join([rng.choice(words["subject"]), rng.choice(words["verb"]), rng.choice(words["object"])])
-                     + "." for _ in range(20)) + "\n" for _ in range(400)]
-    splits = {"train": docs[:360], "val": docs[360:]}
-    tok = CharTokenizer.from_texts(docs)
-
-    def write_split(split: str, path: Path) -> SplitStats:
-        tokens = [t for doc in splits[split] for t in tok.encode(doc) + [tok.eot_id]]
-        write_token_file(path, tokens, tok.vocab_size, tok.name)
-        return SplitStats(len(splits[split]), len(tokens), sum(len(d.encode()) for d in splits[split]))
-
-    out = tmp_path_factory.mktemp("synthetic")
-    write_dataset(out, tok, "synthetic sentences", 0.0, write_split)
-    return out
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic"))
 
 
 def test_mfu_knows_this_gpu():
