@@ -37,6 +37,19 @@ def write_atomic(path: str | Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def check_dir(path: str | Path, flag: str) -> Path:
+    """The output directory `path` (given as `flag`), checked to exist or to be creatable but left as it
+    was, so that a job that then fails on its input leaves nothing behind; a bad place is one UserError."""
+    path = Path(path).expanduser()
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        return ensure_dir(path, flag)
+    finally:
+        for level in missing:  # deepest first; only what the probe created, all empty
+            if level.is_dir():
+                level.rmdir()
+
+
 def ensure_dir(path: str | Path, flag: str) -> Path:
     """The output directory `path` (given as `flag`), created if need be; a file in its place or a place
     where it cannot be created is one UserError that names the flag."""

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nanopalm.atomic import ensure_dir
+from nanopalm.atomic import check_dir
 from nanopalm.data import DATA_ROOT, SplitStats, TokenFileWriter, token_dtype, write_dataset
 from nanopalm.errors import ArgumentParser, UserError
 from nanopalm.tokenizer import (
@@ -204,7 +204,7 @@ def prepare(args: argparse.Namespace) -> Path:
     if args.tokenizer_from and (args.tokenizer or args.vocab_size):
         raise UserError("--tokenizer_from reuses a tokenizer as it is: drop --tokenizer and --vocab_size")
     reused = load_tokenizer(tokenizer_dir(args.tokenizer_from)) if args.tokenizer_from else None
-    out_dir = ensure_dir(args.out_dir, "--out_dir")  # a bad output path fails now, before any work
+    out_dir = check_dir(args.out_dir, "--out_dir")  # a bad output path fails now; created only when written
     name = args.tokenizer or args.default_tokenizer
     num_proc = args.num_proc if args.num_proc > 1 else None
 
