@@ -5,8 +5,9 @@
     python bench.py --preset palm_350m --block_size=2048 --batch_size 8 --device cuda --compile false true
     python bench.py generation                          # palm_20m, 256 and 1024 tokens of context
     python bench.py generation --contexts 512 --device=cuda --new_tokens=64
+    python bench.py memory                              # one training step's peak, vocabulary 8192 and 256k
 
-Both take a preset (a model-shape or run preset from config/, or a JSON file) and any model key of
+All take a preset (a model-shape or run preset from config/, or a JSON file) and any model key of
 `python train.py --help` as --key=value.
 """
 
@@ -54,11 +55,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--repeats", type=int, default=3, help="timings per number; the median is reported")
     g.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N | mps")
     g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    m = sub.add_parser("memory", help="peak memory of one training step, chunked output layer and full logits")
+    m.add_argument("--preset", default="tiny", help="a preset from config/ or a JSON file (its shape, less vocabulary)")
+    m.add_argument("--block_size", type=int, default=2048, help="context length of the benchmarked model")
+    m.add_argument("--vocab_sizes", type=int, nargs="+", default=[8192, 262144], help="vocabularies to measure")
+    m.add_argument("--batch_size", type=int, default=1, help="sequences per step")
+    m.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     args, extra = p.parse_known_args(argv)
     overrides = parse_overrides(extra)  # --key=value model keys
-    if args.what == "generation":
+    if args.what in ("generation", "memory"):
         overrides.setdefault("block_size", args.block_size)
-    elif args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.batch_size < 0:
+    if args.what == "memory" and args.batch_size < 1:
+        raise UserError("--batch_size must be >= 1")
+    if args.what is None and (args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.batch_size < 0):
         raise UserError("--steps and --repeats must be >= 1, --warmup and --batch_size >= 0")
     args.model = model_config(args.preset, overrides)
     args.preset_batch_size = load_preset(args.preset).get("batch_size")
@@ -88,6 +97,34 @@ def bench_generation(args: argparse.Namespace) -> None:
     for name, kv_heads in (("multi-query (PaLM)", 1), ("multi-head", config.n_head)):
         cache_bytes = dataclasses.replace(config, n_kv_head=kv_heads).kv_cache_bytes()
         print(f"| {name}, {kv_heads} K/V head(s) | {cache_bytes:,} |")
+
+
+def bench_memory(args: argparse.Namespace) -> None:
+    """One training step (forward, backward, clip, AdamW) of the model at each vocabulary, its output layer
+    chunked (nanopalm/fused.py) and with all the logits at once (as before it): the peak of its tensors."""
+    device = pick_device(args.device)
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {args.device}: the memory benchmark measures on cpu or cuda")
+    print(f"{args.preset} shape: {describe(args.model)}; block {args.model.block_size}, batch {args.batch_size}, "
+          f"float32 on {machine_name(device)}; one full training step (forward, backward, clip, AdamW) after "
+          "one warm-up step\n")
+    print("| vocabulary | output layer | parameters | weights + AdamW state + batch (MiB) | step peak (MiB) "
+          "| total (MiB) | full logits / chunked |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for vocab in args.vocab_sizes:
+        config = dataclasses.replace(args.model, vocab_size=vocab)
+        totals = {}
+        for layer in ("full", "chunked"):
+            bench = make_train_bench(layer, config, args.batch_size, device, torch.float32, False, layer)
+            bench.warm_up(1)  # the optimizer state exists from the first step on
+            step = bench.step_peak_bytes()
+            totals[layer] = bench.resident_bytes() + step
+            ratio = f"{totals['full'] / totals[layer]:.1f}x" if layer == "chunked" else ""
+            print(f"| {vocab:,} | {layer} | {bench.model.num_params():,} | {bench.resident_bytes() / 2**20:,.0f} | "
+                  f"{step / 2**20:,.0f} | {totals[layer] / 2**20:,.0f} | {ratio} |", flush=True)
+            del bench
+    print("\nStep peak: the most bytes of tensors one step holds at once beyond those held between steps "
+          "(nanopalm.bench.peak_bytes: the CUDA allocator's peak, or torch.profiler's CPU allocation events).")
 
 
 def describe(config: PaLMConfig) -> str:
@@ -127,6 +164,7 @@ def bench_training(args: argparse.Namespace) -> None:
         def measure() -> None:
             peaks.append(matmul_flops(device, dtype))
     seconds = interleave(benches, args.repeats, args.steps, measure)
+    peaks_bytes = [b.step_peak_bytes() for b in benches]
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     print(f"{machine_name(device)}, torch {torch.__version__}, {device}, {dtype}, {torch.get_num_threads()} CPU "
@@ -139,18 +177,19 @@ def bench_training(args: argparse.Namespace) -> None:
               f"{model.flops_per_token(cfg.block_size) / 1e6:,.1f} MFLOPs/token (6N + 12LHQT)")
     print("\n| model | compile | warm-up (s) | ms/step | tokens/s | peak memory (MiB) | model GFLOP/s | MFU |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for i, (b, flag) in enumerate(zip(benches, compiled, strict=True)):
+    for i, (b, flag, step_bytes) in enumerate(zip(benches, compiled, peaks_bytes, strict=True)):
         step_s = statistics.median(row[i] for row in seconds)
         tokens_s = b.tokens_per_step / step_s
         flops = b.model.flops_per_token(b.model.config.block_size)
         util = statistics.median(mfu(flops, b.tokens_per_step / row[i], peak)
                                  for row, peak in zip(seconds, peaks, strict=True))
+        memory = "n/a" if step_bytes is None else f"{(b.resident_bytes() + step_bytes) / 2**20:,.0f}"
         print(f"| {b.name} | {flag} | {warmup_s[i]:.1f} | {1000 * step_s:,.1f} | {tokens_s:,.0f} | "
-              f"{b.peak_bytes / 2**20:,.0f} | {flops * tokens_s / 1e9:,.1f} | {100 * util:.1f}% |")
+              f"{memory} | {flops * tokens_s / 1e9:,.1f} | {100 * util:.1f}% |")
     print(f"\nMFU against {statistics.median(peaks) / 1e9:,.1f} GFLOP/s ({peak_source}; "
           f"range {min(peaks) / 1e9:,.1f}-{max(peaks) / 1e9:,.1f}).")
-    if device.type != "cuda":
-        print("Peak memory off CUDA: the whole process's peak resident memory (all models together).")
+    print("Peak memory: weights, optimizer state and batch, plus the most one more (untimed) step holds at once "
+          "(nanopalm.bench.peak_bytes).")
     if args.compare:
         for i in range(0, len(benches), 2):  # (PaLM, GPT-2) pairs, one per compile setting
             ratios = [row[i + 1] / row[i] for row in seconds]
@@ -163,6 +202,8 @@ def main(argv: list[str]) -> None:
     print(f"$ {shlex.join(['python', 'bench.py', *argv])}\n", flush=True)  # results say how they were made
     if args.what == "generation":
         bench_generation(args)
+    elif args.what == "memory":
+        bench_memory(args)
     else:
         bench_training(args)
 

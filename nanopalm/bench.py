@@ -1,5 +1,6 @@
 """Benchmarks. Generation: tokens per second with and without the KV cache. Training: ms/step, tokens/s,
-peak memory and MFU, and PaLM against the GPT-2 architecture of the same size."""
+peak memory and MFU, and PaLM against the GPT-2 architecture of the same size. Memory: the peak of one
+training step with the chunked output layer against all the logits at once."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import dataclasses
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from nanopalm.device import Precision
 from nanopalm.distributed import compile_blocks
@@ -83,6 +86,46 @@ def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeat
     return 2 * n**3 / statistics.median(times)
 
 
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """The most bytes of tensor memory fn holds at once, beyond what was allocated before it.
+
+    CUDA: the caching allocator's peak. CPU: torch.profiler (profile_memory=True) records every
+    allocation and free of the CPU allocator, temporaries inside an operator included; their running
+    sum, in order, peaks at the answer. Exact to the byte and independent of the machine's load, unlike
+    the process's resident memory. None on other devices.
+    """
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if device.type != "cpu":
+        return None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    held = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):  # nbytes: + allocated, - freed
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+def full_logits_losses(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -> torch.Tensor:
+    """The training loss as the output layer computed it before nanopalm/fused.py (commit 46aace1): all
+    the logits at once, one log_softmax for both the cross-entropy and the z-loss. The memory benchmark's
+    "before"."""
+    logits = logits.float().flatten(0, -2)
+    targets = targets.flatten()
+    mask = (targets != -1).float()
+    index = targets.clamp_min(0)[:, None]
+    target_log_probs = F.log_softmax(logits, dim=-1).gather(-1, index).squeeze(-1)
+    log_z = logits.gather(-1, index).squeeze(-1) - target_log_probs  # log p = logit - log Z
+    return (-(target_log_probs * mask).sum() + z_loss * (log_z.square() * mask).sum()) / mask.sum()
+
+
 @dataclasses.dataclass
 class TrainBench:
     """One model being timed: full optimizer steps (forward, backward, clip, AdamW) on a fixed batch."""
@@ -93,11 +136,14 @@ class TrainBench:
     x: torch.Tensor
     y: torch.Tensor
     dtype: torch.dtype
-    peak_bytes: int = 0
+    output_layer: Literal["chunked", "full"] = "chunked"  # full: full_logits_losses, for the memory benchmark
 
     def step(self) -> None:
         with Precision(self.dtype).autocast(self.x.device):
-            loss = self.model(self.x, self.y).loss
+            if self.output_layer == "chunked":
+                loss = self.model(self.x, self.y).loss
+            else:
+                loss = full_logits_losses(self.model(self.x).logits, self.y, self.model.config.z_loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
@@ -115,9 +161,6 @@ class TrainBench:
     def run(self, steps: int) -> float:
         """`steps` timed steps; returns their median seconds per step."""
         device = self.x.device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         times = []
         for _ in range(steps):
             synchronize(device)
@@ -125,12 +168,11 @@ class TrainBench:
             self.step()
             synchronize(device)
             times.append(time.perf_counter() - start)
-        if device.type == "cuda":  # this model's own tensors plus what its steps added on top of everything
-            peak = self.resident_bytes() + torch.cuda.max_memory_allocated(device) - before
-        else:
-            peak = peak_memory()
-        self.peak_bytes = max(self.peak_bytes, peak)
         return statistics.median(times)
+
+    def step_peak_bytes(self) -> int | None:
+        """The most one (untimed) training step holds at once on top of resident_bytes (peak_bytes)."""
+        return peak_bytes(self.step, self.x.device)
 
     def resident_bytes(self) -> int:
         """Bytes held between steps: weights, optimizer state and the batch (grads are freed each step)."""
@@ -143,18 +185,8 @@ class TrainBench:
         return self.x.numel()
 
 
-def peak_memory() -> int:
-    """The whole process's peak resident memory: all a CPU can tell (0 where unknown, as on Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return 0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
-
-
 def make_train_bench(name: str, config: PaLMConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
-                     compile_model: bool) -> TrainBench:
+                     compile_model: bool, output_layer: Literal["chunked", "full"] = "chunked") -> TrainBench:
     """A model with the project's AdamW (fused on CUDA) and a fixed batch of random tokens, seeded, so
     that two benches of the same vocabulary train on the very same tokens."""
     torch.manual_seed(0)
@@ -164,7 +196,7 @@ def make_train_bench(name: str, config: PaLMConfig, batch_size: int, device: tor
     tokens = torch.randint(config.vocab_size, (batch_size, config.block_size + 1), generator=gen).to(device)
     if compile_model:
         compile_blocks(model)  # as train.py compiles
-    return TrainBench(name, model, optimizer, tokens[:, :-1], tokens[:, 1:], dtype)
+    return TrainBench(name, model, optimizer, tokens[:, :-1], tokens[:, 1:], dtype, output_layer)
 
 
 def interleave(benches: list[TrainBench], repeats: int, steps: int,
