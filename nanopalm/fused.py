@@ -132,10 +132,15 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None,
                inverse: bool = False) -> torch.Tensor:
     """Rotate the pairs (x[..., i], x[..., i + D/2]) by the angles whose cos and sin are given (..., D/2),
-    broadcast against x's halves; `inverse` rotates by minus the angles (RoPE's backward). Into `out`."""
+    broadcast against x's halves; `inverse` rotates by minus the angles (RoPE's backward).
+
+    Into `out` (four passes over halves, no temporaries), or without it as plain operations, the form
+    torch.compile wants (it fuses them into one kernel, but cannot trace writes into the halves of `out`).
+    """
     sign = -1.0 if inverse else 1.0
-    out = torch.empty_like(x) if out is None else out
     a, b = x.chunk(2, dim=-1)
+    if out is None:
+        return torch.cat([a * cos - sign * b * sin, b * cos + sign * a * sin], dim=-1)
     out_a, out_b = out.chunk(2, dim=-1)
     torch.mul(a, cos, out=out_a).addcmul_(b, sin, value=-sign)  # a cos - b sin
     torch.mul(b, cos, out=out_b).addcmul_(a, sin, value=sign)  # b cos + a sin
@@ -150,26 +155,32 @@ def _swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -
     torch.mul(grad, silu, out=up)
 
 
+def _pieces(h: torch.Tensor, columns: dict[str, slice], head_dim: int, cos: torch.Tensor | None,
+            sin: torch.Tensor | None, compiling: bool) -> tuple[torch.Tensor, ...]:
+    """The pieces of h, each with its function (split_projection's forward)."""
+    pieces = []
+    if "q" in columns:
+        qk = _heads(h, columns["q"].start, columns["k"].stop, head_dim)  # (B, T, H + K, D): q and k together
+        if cos is not None:
+            out = None if compiling else torch.empty(qk.shape, dtype=h.dtype, device=h.device)
+            qk = apply_rope(qk, cos[:, None], sin[:, None], out)
+        n_q = (columns["q"].stop - columns["q"].start) // head_dim
+        v = _heads(h, columns["v"].start, columns["v"].stop, head_dim)
+        pieces += [qk[:, :, :n_q].transpose(1, 2), qk[:, :, n_q:].transpose(1, 2), v.transpose(1, 2)]
+    if "gate" in columns:
+        pieces.append(F.silu(h[..., columns["gate"]]).mul_(h[..., columns["up"]]))
+    elif "up" in columns:
+        pieces.append(F.gelu(h[..., columns["up"]], approximate="tanh"))
+    return tuple(pieces)
+
+
 class _SplitProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                 splits: tuple[tuple[str, int], ...], head_dim: int) -> tuple[torch.Tensor, ...]:
-        columns = _columns(splits)
-        ctx.columns, ctx.head_dim = columns, head_dim
+        ctx.columns, ctx.head_dim = _columns(splits), head_dim
         ctx.save_for_backward(h, cos, sin)
-        pieces = []
-        if "q" in columns:
-            qk = _heads(h, columns["q"].start, columns["k"].stop, head_dim)  # (B, T, H + K, D), q and k together
-            if cos is not None:
-                qk = apply_rope(qk, cos[:, None], sin[:, None], torch.empty(qk.shape, dtype=h.dtype, device=h.device))
-            n_q = (columns["q"].stop - columns["q"].start) // head_dim
-            v = _heads(h, columns["v"].start, columns["v"].stop, head_dim)
-            pieces += [qk[:, :, :n_q].transpose(1, 2), qk[:, :, n_q:].transpose(1, 2), v.transpose(1, 2)]
-        if "gate" in columns:
-            pieces.append(F.silu(h[..., columns["gate"]]).mul_(h[..., columns["up"]]))
-        elif "up" in columns:
-            pieces.append(F.gelu(h[..., columns["up"]], approximate="tanh"))
-        return tuple(pieces)
+        return _pieces(h, ctx.columns, head_dim, cos, sin, compiling=False)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
@@ -218,4 +229,6 @@ def split_projection(h: torch.Tensor, splits: dict[str, int], head_dim: int,
     if "q" in splits and list(splits)[:3] != ["q", "k", "v"]:
         raise ValueError(f"q, k and v must come first and in that order, not {list(splits)}")
     cos, sin = rope if rope is not None else (None, None)
+    if torch.compiler.is_compiling():  # plain operations: inductor fuses them, forward and backward, by itself
+        return _pieces(h, _columns(tuple(splits.items())), head_dim, cos, sin, compiling=True)
     return _SplitProjection.apply(h, cos, sin, tuple(splits.items()), head_dim)
