@@ -82,3 +82,12 @@ def test_training_benchmark_cli_prints_its_tables(capsys):
     assert "| tiny | false |" in out and "| GPT-2-style | false |" in out
     assert "MFU against 1.0 GFLOP/s (--peak_flops" in out
     assert "PaLM / GPT-2-style tokens/s, compile false:" in out and "median of 2 repeats" in out
+
+
+def test_memory_benchmark_cli_compares_chunked_and_full_logits(capsys):
+    load_bench_script().main(["memory", "--vocab_sizes", "4096", "--block_size", "512", "--n_layer=1"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| 4,096 |")]
+    assert [row[2].strip() for row in rows] == ["full", "chunked"]
+    full, chunked = (float(row[6].replace(",", "")) for row in rows)
+    assert full > 2 * chunked  # 512 x 4096 fp32 logits are 8 MiB: the full path holds several copies
+    assert float(rows[1][7].strip().rstrip("x")) == pytest.approx(full / chunked, rel=0.1)
