@@ -35,7 +35,8 @@ Autograd would give each piece its own gradient and then concatenate them into h
 of a split is a cat), after RoPE's own cat and negation. Here the backward writes every piece's gradient
 straight into its columns of h itself, which nothing needs once the pieces' gradients are known: no cat,
 no new buffer. (A second backward through the same graph therefore raises, as for any tensor modified in
-place after it was saved.)
+place after it was saved.) Under torch.compile it returns the same pieces from plain operations instead:
+inductor fuses those, forward and backward, by itself, and cannot trace writes into a tensor's halves.
 """
 
 from __future__ import annotations
