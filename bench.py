@@ -21,7 +21,7 @@ import statistics
 
 import torch
 
-from nanopalm.bench import generation_speed, interleave, machine_name, make_train_bench, matmul_flops
+from nanopalm.bench import CLOCKS, generation_speed, interleave, machine_name, make_train_bench, matmul_flops
 from nanopalm.config import load_preset, model_config, parse_overrides
 from nanopalm.device import pick_device, pick_precision
 from nanopalm.errors import ArgumentParser, UserError, run_cli
@@ -46,6 +46,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--peak_flops", type=float, default=0.0,
                    help="peak FLOP/s for MFU (0 = the GPU's datasheet, else a matmul measured here)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--clock", default="wall", choices=tuple(CLOCKS),
+                   help="wall, or (CPU) this process's CPU time: on a shared machine, without the waits for a core")
     sub = p.add_subparsers(dest="what")
     g = sub.add_parser("generation", help="tokens/s with and without the KV cache")
     g.add_argument("--preset", default="palm_20m", help="a preset from config/ or a JSON file")
@@ -135,6 +137,9 @@ def describe(config: PaLMConfig) -> str:
 
 def bench_training(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
+    if args.clock == "cpu" and device.type != "cpu":
+        raise UserError(f"--clock cpu times CPU work: it cannot time {device.type}; leave --clock out")
+    clock = CLOCKS[args.clock]
     if args.threads > 0:  # on a shared CPU, fewer threads than cores avoids waiting on descheduled ones
         torch.set_num_threads(args.threads)
     # The CPU targets are fp32: auto keeps fp32 off CUDA (train.py's auto would take bf16 on this CPU).
@@ -162,15 +167,16 @@ def bench_training(args: argparse.Namespace) -> None:
     else:
         peak_source = f"{str(dtype).removeprefix('torch.')} 2048^3 matmul measured between repeats"
         def measure() -> None:
-            peaks.append(matmul_flops(device, dtype))
-    seconds = interleave(benches, args.repeats, args.steps, measure)
+            peaks.append(matmul_flops(device, dtype, clock=clock))
+    seconds = interleave(benches, args.repeats, args.steps, measure, clock)
     peaks_bytes = [b.step_peak_bytes() for b in benches]
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     print(f"{machine_name(device)}, torch {torch.__version__}, {device}, {dtype}, {torch.get_num_threads()} CPU "
           f"threads; load average {load_before:.1f} at the start, {load_after:.1f} at the end")
     print(f"batch {batch_size} x {config.block_size} tokens; full steps (forward, backward, clip, AdamW); "
-          f"{args.warmup} warm-up steps, then {args.repeats} interleaved repeats of {args.steps} steps; medians\n")
+          f"{args.warmup} warm-up steps, then {args.repeats} repeats of {args.steps} steps, the models in turns; "
+          f"medians; {'CPU time of this process' if args.clock == 'cpu' else 'wall-clock time'}\n")
     for name, cfg in models:
         model = next(b.model for b in benches if b.name == name)
         print(f"- {name}: {describe(cfg)}; {model.num_params():,} parameters, "

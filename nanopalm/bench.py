@@ -67,7 +67,13 @@ def decode_rate(model: PaLM, prompt: torch.Tensor, new_tokens: int, use_cache: b
 # ---------------------------------------------------------------------------------------------- training
 
 
-def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
+# What a step's time is read from: the wall clock, or (CPU only) this process's CPU time, which on a
+# shared machine leaves out the time spent waiting for a core (with one thread; more threads add up).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 3,
+                 clock: Callable[[], float] = time.perf_counter) -> float:
     """FLOP/s of an n x n x n matmul in `dtype` on `device`, median of `repeats` (after one warm-up).
 
     On a CPU this is the "peak" that MFU is measured against: the best the BLAS does on this machine,
@@ -78,11 +84,11 @@ def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeat
     times = []
     for i in range(repeats + 1):
         synchronize(device)
-        start = time.perf_counter()
+        start = clock()
         a @ b
         synchronize(device)
         if i:  # the first one is the warm-up
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     return 2 * n**3 / statistics.median(times)
 
 
@@ -158,17 +164,13 @@ class TrainBench:
         synchronize(self.x.device)
         return time.perf_counter() - start
 
-    def run(self, steps: int) -> float:
-        """`steps` timed steps; returns their median seconds per step."""
-        device = self.x.device
-        times = []
-        for _ in range(steps):
-            synchronize(device)
-            start = time.perf_counter()
-            self.step()
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+    def timed_step(self, clock: Callable[[], float] = time.perf_counter) -> float:
+        """One step; returns its seconds."""
+        synchronize(self.x.device)
+        start = clock()
+        self.step()
+        synchronize(self.x.device)
+        return clock() - start
 
     def step_peak_bytes(self) -> int | None:
         """The most one (untimed) training step holds at once on top of resident_bytes (peak_bytes)."""
@@ -199,21 +201,25 @@ def make_train_bench(name: str, config: PaLMConfig, batch_size: int, device: tor
     return TrainBench(name, model, optimizer, tokens[:, :-1], tokens[:, 1:], dtype, output_layer)
 
 
-def interleave(benches: list[TrainBench], repeats: int, steps: int,
-               between: Callable[[], None] | None = None) -> list[list[float]]:
-    """Time the benches in turns, so that a change in the machine's load hits all of them alike.
+def interleave(benches: list[TrainBench], repeats: int, steps: int, between: Callable[[], None] | None = None,
+               clock: Callable[[], float] = time.perf_counter) -> list[list[float]]:
+    """Time the benches in turns, one step each, so that a change in the machine's load hits all alike.
 
-    Returns seconds per step, [repeat][bench], each the median of `steps` steps. The order reverses
-    every repeat (A B, B A, ...) so that neither bench always runs right after the other; `between`
-    runs once a repeat (for a measurement that should share the same conditions, like the CPU peak).
+    Returns seconds per step, [repeat][bench], each the median of the bench's `steps` steps in that
+    repeat. The order reverses every turn (A B, B A, ...) so that neither bench always runs right after
+    the other; `between` runs once a repeat (for a measurement that should share the same conditions,
+    like the CPU peak).
     """
     table = []
-    for r in range(repeats):
-        row = [0.0] * len(benches)
-        order = range(len(benches)) if r % 2 == 0 else reversed(range(len(benches)))
-        for i in order:
-            row[i] = benches[i].run(steps)
-        table.append(row)
+    turns = 0
+    for _ in range(repeats):
+        times: list[list[float]] = [[] for _ in benches]
+        for _ in range(steps):
+            order = range(len(benches)) if turns % 2 == 0 else reversed(range(len(benches)))
+            turns += 1
+            for i in order:
+                times[i].append(benches[i].timed_step(clock))
+        table.append([statistics.median(t) for t in times])
         if between is not None:
             between()
     return table

@@ -74,14 +74,23 @@ def load_bench_script():
     return script
 
 
-def test_training_benchmark_cli_prints_its_tables(capsys):
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_training_benchmark_cli_prints_its_tables(capsys, clock):
     load_bench_script().main(["--preset", "tiny", "--compare", "--repeats", "2", "--steps", "1", "--warmup", "0",
-                 "--peak_flops", "1e9", "--device", "cpu", "--block_size=32"])
+                 "--peak_flops", "1e9", "--device", "cpu", "--block_size=32", "--clock", clock])
     out = capsys.readouterr().out
     assert out.startswith("$ python bench.py --preset tiny --compare")
     assert "| tiny | false |" in out and "| GPT-2-style | false |" in out
     assert "MFU against 1.0 GFLOP/s (--peak_flops" in out
     assert "PaLM / GPT-2-style tokens/s, compile false:" in out and "median of 2 repeats" in out
+    assert ("CPU time of this process" in out) == (clock == "cpu")
+
+
+def test_cpu_clock_refuses_a_gpu(monkeypatch):
+    bench = load_bench_script()
+    monkeypatch.setattr(bench, "pick_device", lambda name: torch.device("cuda"))
+    with pytest.raises(UserError, match="--clock cpu times CPU work: it cannot time cuda"):
+        bench.main(["--preset", "tiny", "--clock", "cpu", "--device", "cuda"])
 
 
 def test_memory_benchmark_cli_compares_chunked_and_full_logits(capsys):
