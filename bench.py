@@ -21,7 +21,15 @@ import statistics
 
 import torch
 
-from nanopalm.bench import CLOCKS, generation_speed, interleave, machine_name, make_train_bench, matmul_flops
+from nanopalm.bench import (
+    CLOCKS,
+    generation_speed,
+    interleave,
+    machine_name,
+    make_train_bench,
+    matmul_flops,
+    op_profile,
+)
 from nanopalm.config import load_preset, model_config, parse_overrides
 from nanopalm.device import pick_device, pick_precision
 from nanopalm.errors import ArgumentParser, UserError, run_cli
@@ -46,6 +54,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--peak_flops", type=float, default=0.0,
                    help="peak FLOP/s for MFU (0 = the GPU's datasheet, else a matmul measured here)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also profile STEPS steps of each model (torch.profiler): the top operators' time per step")
     p.add_argument("--clock", default="wall", choices=tuple(CLOCKS),
                    help="wall, or (CPU) this process's CPU time: on a shared machine, without the waits for a core")
     sub = p.add_subparsers(dest="what")
@@ -69,8 +79,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         overrides.setdefault("block_size", args.block_size)
     if args.what == "memory" and args.batch_size < 1:
         raise UserError("--batch_size must be >= 1")
-    if args.what is None and (args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.batch_size < 0):
-        raise UserError("--steps and --repeats must be >= 1, --warmup and --batch_size >= 0")
+    if args.what is None and (min(args.steps, args.repeats) < 1 or min(args.warmup, args.batch_size, args.profile) < 0):
+        raise UserError("--steps and --repeats must be >= 1, --warmup, --batch_size and --profile >= 0")
     args.model = model_config(args.preset, overrides)
     args.preset_batch_size = load_preset(args.preset).get("batch_size")
     return args
@@ -99,6 +109,23 @@ def bench_generation(args: argparse.Namespace) -> None:
     for name, kv_heads in (("multi-query (PaLM)", 1), ("multi-head", config.n_head)):
         cache_bytes = dataclasses.replace(config, n_kv_head=kv_heads).kv_cache_bytes()
         print(f"| {name}, {kv_heads} K/V head(s) | {cache_bytes:,} |")
+
+
+PROFILE_ROWS = 20
+
+
+def print_profile(benches: list, compiled: list[str], steps: int) -> None:
+    """The operators that take the most time per step, side by side for the benches (op_profile)."""
+    table = op_profile(benches, steps)
+    names = [b.name + (" (compiled)" if flag == "true" else "") for b, flag in zip(benches, compiled, strict=True)]
+    print(f"\nWhere a step's time goes: torch.profiler, self time per operator in ms per step (median of {steps} "
+          f"steps of each model, in turns), the {PROFILE_ROWS} most expensive operators:\n")
+    print(f"| operator | {' | '.join(names)} |")
+    print(f"|---|{'---:|' * len(names)}")
+    for op, times in [*table.items()][:PROFILE_ROWS]:
+        print(f"| `{op}` | {' | '.join(f'{t:,.1f}' for t in times)} |")
+    totals = [sum(times[i] for times in table.values()) for i in range(len(names))]
+    print(f"| all operators | {' | '.join(f'{t:,.1f}' for t in totals)} |")
 
 
 def bench_memory(args: argparse.Namespace) -> None:
@@ -201,6 +228,8 @@ def bench_training(args: argparse.Namespace) -> None:
             ratios = [row[i + 1] / row[i] for row in seconds]
             print(f"PaLM / GPT-2-style tokens/s, compile {compiled[i]}: {statistics.median(ratios):.3f}x "
                   f"(median of {len(ratios)} repeats, range {min(ratios):.3f}x-{max(ratios):.3f}x)")
+    if args.profile:
+        print_profile(benches, compiled, args.profile)
 
 
 def main(argv: list[str]) -> None:

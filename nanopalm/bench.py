@@ -225,6 +225,26 @@ def interleave(benches: list[TrainBench], repeats: int, steps: int, between: Cal
     return table
 
 
+def op_profile(benches: list[TrainBench], steps: int) -> dict[str, list[float]]:
+    """torch.profiler over `steps` steps of each bench, in turns: {operator: [median self time in ms per
+    step, one per bench]}, most expensive first: where a step's time goes (on CUDA, the kernels' time)."""
+    cuda = benches[0].x.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    per_step: list[dict[str, list[float]]] = [{} for _ in benches]
+    for turn in range(steps):
+        for i in range(len(benches)) if turn % 2 == 0 else reversed(range(len(benches))):
+            with profile(activities=activities) as prof:
+                benches[i].step()
+                synchronize(benches[i].x.device)
+            for event in prof.key_averages():
+                self_us = event.self_device_time_total if cuda else event.self_cpu_time_total
+                per_step[i].setdefault(event.key, []).append(self_us / 1000)
+    ops = set().union(*per_step)
+    table = {op: [statistics.median(times.get(op, []) + [0.0] * (steps - len(times.get(op, [])))) for times in per_step]
+             for op in ops}
+    return dict(sorted(table.items(), key=lambda item: -max(item[1])))
+
+
 def machine_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model and core count."""
     if device.type == "cuda":

@@ -77,13 +77,16 @@ def load_bench_script():
 @pytest.mark.parametrize("clock", ["wall", "cpu"])
 def test_training_benchmark_cli_prints_its_tables(capsys, clock):
     load_bench_script().main(["--preset", "tiny", "--compare", "--repeats", "2", "--steps", "1", "--warmup", "0",
-                 "--peak_flops", "1e9", "--device", "cpu", "--block_size=32", "--clock", clock])
+                 "--peak_flops", "1e9", "--device", "cpu", "--block_size=32", "--clock", clock, "--profile", "1"])
     out = capsys.readouterr().out
     assert out.startswith("$ python bench.py --preset tiny --compare")
     assert "| tiny | false |" in out and "| GPT-2-style | false |" in out
     assert "MFU against 1.0 GFLOP/s (--peak_flops" in out
     assert "PaLM / GPT-2-style tokens/s, compile false:" in out and "median of 2 repeats" in out
     assert ("CPU time of this process" in out) == (clock == "cpu")
+    profile = out[out.index("Where a step's time goes"):]
+    assert "| operator | tiny | GPT-2-style |" in profile and "| `aten::mm` |" in profile
+    assert "| all operators |" in profile
 
 
 def test_cpu_clock_refuses_a_gpu(monkeypatch):
