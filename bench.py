@@ -6,6 +6,7 @@
     python bench.py generation                          # palm_20m, 256 and 1024 tokens of context
     python bench.py generation --contexts 512 --device=cuda --new_tokens=64
     python bench.py --activation_checkpointing none full selective   # peak memory against step time
+    python bench.py logits                              # one training step's peak, vocabulary 8192 and 256k
     python bench.py memory palm_8b --world_size 8 --gpu_memory 80     # per GPU: what fits (nanopalm/memory.py)
     python bench.py optimizer --preset seed_213m        # the optimizer step alone: AdamW vs PaLM's Adafactor
 
@@ -24,12 +25,14 @@ import statistics
 import torch
 
 from nanopalm.bench import (
+    CLOCKS,
     estimate_and_measure,
     generation_speed,
     interleave,
     machine_name,
     make_train_bench,
     matmul_flops,
+    op_profile,
     optimizer_step_seconds,
 )
 from nanopalm.config import load_preset, model_config, parse_overrides
@@ -60,6 +63,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--peak_flops", type=float, default=0.0,
                    help="peak FLOP/s for MFU (0 = the GPU's datasheet, else a matmul measured here)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also profile STEPS steps of each model (torch.profiler): the top operators' time per step")
+    p.add_argument("--clock", default="wall", choices=tuple(CLOCKS),
+                   help="wall, or (CPU) this process's CPU time: on a shared machine, without the waits for a core")
     sub = p.add_subparsers(dest="what")
     g = sub.add_parser("generation", help="tokens/s with and without the KV cache")
     g.add_argument("--preset", default="palm_20m", help="a preset from config/ or a JSON file")
@@ -92,15 +99,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     o.add_argument("--steps", type=int, default=5, help="timed steps per optimizer; the median is reported")
     o.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N | mps")
     o.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    lg = sub.add_parser("logits", help="peak memory of one training step, chunked output layer and full logits")
+    lg.add_argument("--preset", default="tiny", help="a preset from config/ or a JSON file (its shape)")
+    lg.add_argument("--block_size", type=int, default=2048, help="context length of the benchmarked model")
+    lg.add_argument("--vocab_sizes", type=int, nargs="+", default=[8192, 262144], help="vocabularies to measure")
+    lg.add_argument("--batch_size", type=int, default=1, help="sequences per step")
+    lg.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     args, extra = p.parse_known_args(argv)
     overrides = parse_overrides(extra)  # --key=value model keys
-    if args.what == "generation":
+    if args.what in ("generation", "logits"):
         overrides.setdefault("block_size", args.block_size)
     elif args.what == "memory":
         if args.world_size < 1 or args.gpu_memory <= 0 or not 0 <= args.reserve < 1:
             raise UserError("--world_size must be >= 1, --gpu_memory > 0 and --reserve in [0, 1)")
-    elif args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.batch_size < 0:
-        raise UserError("--steps and --repeats must be >= 1, --warmup and --batch_size >= 0")
+    elif args.what == "logits":
+        if args.batch_size < 1:
+            raise UserError("--batch_size must be >= 1")
+    elif args.what is None and (min(args.steps, args.repeats) < 1
+                                or min(args.warmup, args.batch_size, args.profile) < 0):
+        raise UserError("--steps and --repeats must be >= 1, --warmup, --batch_size and --profile >= 0")
     args.model = model_config(args.preset, overrides)
     preset = load_preset(args.preset)
     args.preset_batch_size = preset.get("batch_size")
@@ -155,6 +172,50 @@ def bench_optimizer(args: argparse.Namespace) -> None:
         del optimizer
 
 
+PROFILE_ROWS = 20
+
+
+def print_profile(benches: list, compiled: list[str], steps: int) -> None:
+    """The operators that take the most time per step, side by side for the benches (op_profile)."""
+    table = op_profile(benches, steps)
+    names = [b.name + (" (compiled)" if flag == "true" else "") for b, flag in zip(benches, compiled, strict=True)]
+    print(f"\nWhere a step's time goes: torch.profiler, self time per operator in ms per step (median of {steps} "
+          f"steps of each model, in turns), the {PROFILE_ROWS} most expensive operators:\n")
+    print(f"| operator | {' | '.join(names)} |")
+    print(f"|---|{'---:|' * len(names)}")
+    for op, times in [*table.items()][:PROFILE_ROWS]:
+        print(f"| `{op}` | {' | '.join(f'{t:,.1f}' for t in times)} |")
+    totals = [sum(times[i] for times in table.values()) for i in range(len(names))]
+    print(f"| all operators | {' | '.join(f'{t:,.1f}' for t in totals)} |")
+
+
+def bench_logits(args: argparse.Namespace) -> None:
+    """One training step (forward, backward, clip, AdamW) of the model at each vocabulary, its output layer
+    chunked (nanopalm/fused.py) and with all the logits at once (as before it): the peak of its tensors."""
+    device = pick_device(args.device)
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {args.device}: the memory benchmark measures on cpu or cuda")
+    print(f"{args.preset} shape: {describe(args.model)}; block {args.model.block_size}, batch {args.batch_size}, "
+          f"float32 on {machine_name(device)}; one full training step (forward, backward, clip, AdamW) after "
+          "one warm-up step\n")
+    print("| vocabulary | output layer | parameters | weights + AdamW state + batch (MiB) | step peak (MiB) "
+          "| full logits / chunked |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for vocab in args.vocab_sizes:
+        config = dataclasses.replace(args.model, vocab_size=vocab)
+        peaks = {}
+        for layer in ("full", "chunked"):
+            bench = make_train_bench(layer, config, args.batch_size, device, torch.float32, False, output_layer=layer)
+            bench.warm_up(1)  # the optimizer state exists from the first step on
+            peaks[layer] = bench.measure_peak()
+            ratio = f"{peaks['full'] / peaks[layer]:.1f}x" if layer == "chunked" else ""
+            print(f"| {vocab:,} | {layer} | {bench.model.num_params():,} | {bench.resident_bytes() / 2**20:,.0f} | "
+                  f"{peaks[layer] / 2**20:,.0f} | {ratio} |", flush=True)
+            del bench
+    print("\nStep peak: the most bytes of tensors a training step holds at once, weights and optimizer state "
+          "included (TrainBench.measure_peak: the CUDA allocator's peak, or PyTorch's MemTracker on the CPU).")
+
+
 def describe(config: PaLMConfig) -> str:
     block = "parallel" if config.parallel_block else "serial"
     return (f"{config.n_layer} layers, d_model {config.d_model}, {config.n_head} heads of {config.head_dim}, "
@@ -163,6 +224,9 @@ def describe(config: PaLMConfig) -> str:
 
 def bench_training(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
+    if args.clock == "cpu" and device.type != "cpu":
+        raise UserError(f"--clock cpu times CPU work: it cannot time {device.type}; leave --clock out")
+    clock = CLOCKS[args.clock]
     if args.threads > 0:  # on a shared CPU, fewer threads than cores avoids waiting on descheduled ones
         torch.set_num_threads(args.threads)
     # The CPU targets are fp32: auto keeps fp32 off CUDA (train.py's auto would take bf16 on this CPU).
@@ -193,14 +257,15 @@ def bench_training(args: argparse.Namespace) -> None:
     else:
         peak_source = f"{str(dtype).removeprefix('torch.')} 2048^3 matmul measured between repeats"
         def measure() -> None:
-            peaks.append(matmul_flops(device, dtype))
-    seconds = interleave(benches, args.repeats, args.steps, measure)
+            peaks.append(matmul_flops(device, dtype, clock=clock))
+    seconds = interleave(benches, args.repeats, args.steps, measure, clock)
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     print(f"{machine_name(device)}, torch {torch.__version__}, {device}, {dtype}, {torch.get_num_threads()} CPU "
           f"threads; load average {load_before:.1f} at the start, {load_after:.1f} at the end")
     print(f"batch {batch_size} x {config.block_size} tokens; full steps (forward, backward, clip, AdamW); "
-          f"{args.warmup} warm-up steps, then {args.repeats} interleaved repeats of {args.steps} steps; medians\n")
+          f"{args.warmup} warm-up steps, then {args.repeats} repeats of {args.steps} steps, the models in turns; "
+          f"medians; {'CPU time of this process' if args.clock == 'cpu' else 'wall-clock time'}\n")
     for name, cfg in models:
         model = next(b.model for b in benches if b.name == name)
         print(f"- {name}: {describe(cfg)}; {model.num_params():,} parameters, "
@@ -236,6 +301,8 @@ def bench_training(args: argparse.Namespace) -> None:
             print(f"{b.name}, compile {compiled[i]}, checkpointing {b.activation_checkpointing} against none: peak "
                   f"memory {b.peak_bytes / benches[j].peak_bytes:.2f}x, step time {statistics.median(ratios):.2f}x "
                   f"(median of {len(ratios)} repeats, range {min(ratios):.2f}x-{max(ratios):.2f}x)")
+    if args.profile:
+        print_profile(benches, compiled, args.profile)
 
 
 def bench_memory(args: argparse.Namespace) -> None:
@@ -290,6 +357,8 @@ def main(argv: list[str]) -> None:
         bench_memory(args)
     elif args.what == "optimizer":
         bench_optimizer(args)
+    elif args.what == "logits":
+        bench_logits(args)
     else:
         bench_training(args)
 

@@ -1,5 +1,6 @@
 """Benchmarks. Generation: tokens per second with and without the KV cache. Training: ms/step, tokens/s,
-peak memory and MFU, and PaLM against the GPT-2 architecture of the same size."""
+peak memory and MFU, and PaLM against the GPT-2 architecture of the same size. Memory: the peak of one
+training step with the chunked output layer against all the logits at once."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from nanopalm.device import Precision
 from nanopalm.distributed import DistInfo, build_model
@@ -64,7 +68,13 @@ def decode_rate(model: PaLM, prompt: torch.Tensor, new_tokens: int, use_cache: b
 # ---------------------------------------------------------------------------------------------- training
 
 
-def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
+# What a step's time is read from: the wall clock, or (CPU only) this process's CPU time, which on a
+# shared machine leaves out the time spent waiting for a core (with one thread; more threads add up).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 3,
+                 clock: Callable[[], float] = time.perf_counter) -> float:
     """FLOP/s of an n x n x n matmul in `dtype` on `device`, median of `repeats` (after one warm-up).
 
     On a CPU this is the "peak" that MFU is measured against: the best the BLAS does on this machine,
@@ -75,12 +85,52 @@ def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeat
     times = []
     for i in range(repeats + 1):
         synchronize(device)
-        start = time.perf_counter()
+        start = clock()
         a @ b
         synchronize(device)
         if i:  # the first one is the warm-up
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     return 2 * n**3 / statistics.median(times)
+
+
+def peak_bytes_of(fn: Callable[[], object], device: torch.device) -> int | None:
+    """The most bytes of tensor memory fn holds at once, beyond what was allocated before it.
+
+    CUDA: the caching allocator's peak. CPU: torch.profiler (profile_memory=True) records every
+    allocation and free of the CPU allocator, temporaries inside an operator included; their running
+    sum, in order, peaks at the answer. Exact to the byte and independent of the machine's load, unlike
+    the process's resident memory. None on other devices.
+    """
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if device.type != "cpu":
+        return None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    held = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):  # nbytes: + allocated, - freed
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+def full_logits_losses(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -> torch.Tensor:
+    """The training loss as the output layer computed it before nanopalm/fused.py (commit 46aace1): all
+    the logits at once, one log_softmax for both the cross-entropy and the z-loss. The memory benchmark's
+    "before"."""
+    logits = logits.float().flatten(0, -2)
+    targets = targets.flatten()
+    mask = (targets != -1).float()
+    index = targets.clamp_min(0)[:, None]
+    target_log_probs = F.log_softmax(logits, dim=-1).gather(-1, index).squeeze(-1)
+    log_z = logits.gather(-1, index).squeeze(-1) - target_log_probs  # log p = logit - log Z
+    return (-(target_log_probs * mask).sum() + z_loss * (log_z.square() * mask).sum()) / mask.sum()
 
 
 @dataclasses.dataclass
@@ -95,10 +145,14 @@ class TrainBench:
     dtype: torch.dtype
     activation_checkpointing: str = "none"
     peak_bytes: int = 0
+    output_layer: Literal["chunked", "full"] = "chunked"  # full: full_logits_losses, for the memory benchmark
 
     def forward_backward(self) -> None:
         with Precision(self.dtype).autocast(self.x.device):
-            loss = self.model(self.x, self.y).loss
+            if self.output_layer == "chunked":
+                loss = self.model(self.x, self.y).loss
+            else:
+                loss = full_logits_losses(self.model(self.x).logits, self.y, self.model.config.z_loss)
         loss.backward()
 
     def update(self) -> None:
@@ -119,16 +173,13 @@ class TrainBench:
         synchronize(self.x.device)
         return time.perf_counter() - start
 
-    def run(self, steps: int) -> float:
-        """`steps` timed steps; returns their median seconds per step."""
-        times = []
-        for _ in range(steps):
-            synchronize(self.x.device)
-            start = time.perf_counter()
-            self.step()
-            synchronize(self.x.device)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+    def timed_step(self, clock: Callable[[], float] = time.perf_counter) -> float:
+        """One step; returns its seconds."""
+        synchronize(self.x.device)
+        start = clock()
+        self.step()
+        synchronize(self.x.device)
+        return clock() - start
 
     def measure_peak(self, parts: list[Callable[[], None]] | None = None) -> int:
         """The peak bytes of one (untimed) step of this model, run as `parts` (default: one forward-backward,
@@ -137,16 +188,10 @@ class TrainBench:
         statistics: PyTorch's MemTracker counts the tensors (nanopalm/memory.py); with --compile true it sees
         the step run eagerly (a dispatch mode turns compiled code off)."""
         device, parts = self.x.device, parts or [self.forward_backward, self.update]
-        if device.type != "cuda":
+        if device.type == "cuda":
+            self.peak_bytes = self.resident_bytes() + peak_bytes_of(lambda: [part() for part in parts], device)
+        else:
             self.peak_bytes = measure(parts, self.model, self.optimizer)["Total"]
-            return self.peak_bytes
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        for part in parts:
-            part()
-        synchronize(device)
-        self.peak_bytes = self.resident_bytes() + torch.cuda.max_memory_allocated(device) - before
         return self.peak_bytes
 
     def resident_bytes(self) -> int:
@@ -178,8 +223,8 @@ def optimizer_step_seconds(model: PaLM, optimizer: torch.optim.Optimizer, steps:
 
 
 def make_train_bench(name: str, config: PaLMConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
-                     compile_model: bool, activation_checkpointing: str = "none", optimizer_name: str = "adamw"
-                     ) -> TrainBench:
+                     compile_model: bool, activation_checkpointing: str = "none", optimizer_name: str = "adamw",
+                     output_layer: Literal["chunked", "full"] = "chunked") -> TrainBench:
     """A model built as train.py builds it (distributed.build_model), with the project's AdamW (fused on
     CUDA) or Adafactor, and a fixed batch of random tokens, seeded, so that two benches of the same
     vocabulary train on the very same tokens."""
@@ -187,7 +232,8 @@ def make_train_bench(name: str, config: PaLMConfig, batch_size: int, device: tor
     optimizer = build_optimizer(model, OptimConfig(optimizer=optimizer_name), device.type)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(config.vocab_size, (batch_size, config.block_size + 1), generator=gen).to(device)
-    return TrainBench(name, model, optimizer, tokens[:, :-1], tokens[:, 1:], dtype, activation_checkpointing)
+    return TrainBench(name, model, optimizer, tokens[:, :-1], tokens[:, 1:], dtype, activation_checkpointing,
+                      output_layer=output_layer)
 
 
 def estimate_and_measure(config: PaLMConfig, batch_size: int, device: torch.device, dtype: torch.dtype, mode: str,
@@ -202,24 +248,48 @@ def estimate_and_measure(config: PaLMConfig, batch_size: int, device: torch.devi
     return estimate(setup, batch_size), bench.measure_peak(parts)
 
 
-def interleave(benches: list[TrainBench], repeats: int, steps: int,
-               between: Callable[[], None] | None = None) -> list[list[float]]:
-    """Time the benches in turns, so that a change in the machine's load hits all of them alike.
+def interleave(benches: list[TrainBench], repeats: int, steps: int, between: Callable[[], None] | None = None,
+               clock: Callable[[], float] = time.perf_counter) -> list[list[float]]:
+    """Time the benches in turns, one step each, so that a change in the machine's load hits all alike.
 
-    Returns seconds per step, [repeat][bench], each the median of `steps` steps. The order reverses
-    every repeat (A B, B A, ...) so that neither bench always runs right after the other; `between`
-    runs once a repeat (for a measurement that should share the same conditions, like the CPU peak).
+    Returns seconds per step, [repeat][bench], each the median of the bench's `steps` steps in that
+    repeat. The order reverses every turn (A B, B A, ...) so that neither bench always runs right after
+    the other; `between` runs once a repeat (for a measurement that should share the same conditions,
+    like the CPU peak).
     """
     table = []
-    for r in range(repeats):
-        row = [0.0] * len(benches)
-        order = range(len(benches)) if r % 2 == 0 else reversed(range(len(benches)))
-        for i in order:
-            row[i] = benches[i].run(steps)
-        table.append(row)
+    turns = 0
+    for _ in range(repeats):
+        times: list[list[float]] = [[] for _ in benches]
+        for _ in range(steps):
+            order = range(len(benches)) if turns % 2 == 0 else reversed(range(len(benches)))
+            turns += 1
+            for i in order:
+                times[i].append(benches[i].timed_step(clock))
+        table.append([statistics.median(t) for t in times])
         if between is not None:
             between()
     return table
+
+
+def op_profile(benches: list[TrainBench], steps: int) -> dict[str, list[float]]:
+    """torch.profiler over `steps` steps of each bench, in turns: {operator: [median self time in ms per
+    step, one per bench]}, most expensive first: where a step's time goes (on CUDA, the kernels' time)."""
+    cuda = benches[0].x.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    per_step: list[dict[str, list[float]]] = [{} for _ in benches]
+    for turn in range(steps):
+        for i in range(len(benches)) if turn % 2 == 0 else reversed(range(len(benches))):
+            with profile(activities=activities) as prof:
+                benches[i].step()
+                synchronize(benches[i].x.device)
+            for event in prof.key_averages():
+                self_us = event.self_device_time_total if cuda else event.self_cpu_time_total
+                per_step[i].setdefault(event.key, []).append(self_us / 1000)
+    ops = set().union(*per_step)
+    table = {op: [statistics.median(times.get(op, []) + [0.0] * (steps - len(times.get(op, [])))) for times in per_step]
+             for op in ops}
+    return dict(sorted(table.items(), key=lambda item: -max(item[1])))
 
 
 def machine_name(device: torch.device) -> str:

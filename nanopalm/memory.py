@@ -26,7 +26,7 @@ import torch
 from nanopalm.config import RunConfig
 from nanopalm.device import Precision
 from nanopalm.distributed import DistInfo
-from nanopalm.fused import CHUNK_ELEMENTS
+from nanopalm.fused import CHUNK_ELEMENTS, MIN_CHUNK_ROWS
 from nanopalm.model import PaLM, PaLMConfig
 
 GIB = 1 << 30
@@ -130,11 +130,12 @@ def _block_activations(setup: Setup, tokens: int) -> tuple[int, int, int]:
     attention = q * b + 4 * c.n_head  # SDPA's output and its log-sum-exp (fp32)
     if not setup.flash:  # math kernel: scores' softmax, and with dropout its mask and result (fp32 on CPU)
         attention += c.n_head * c.block_size * (4 + 8 * bool(c.dropout)) + 2 * q * b
-    mlp = (2 if c.mlp == "swiglu" else 1) * c.d_ff * b  # the activation's output (and SwiGLU's product)
+    mlp = c.d_ff * b  # the activation's output (fused.py: SwiGLU's product made in place of silu(gate))
     norm = c.d_model * b + 8  # LayerNorm's output as the matmul keeps it, and its mean and rstd (fp32)
     outputs = 2 * c.d_model * b  # attention's and the MLP's output projections (kept by selective only)
     if c.parallel_block:  # one LayerNorm, one fused matmul: q, k, v, gate, up
-        projections, widest = (q + 2 * kv + hidden) * b, q + 2 * kv + hidden
+        # The widest gradients: the pieces' (fused.py writes h's own gradient into h, not a new buffer).
+        projections, widest = (q + 2 * kv + hidden) * b, q + 2 * kv + c.d_ff
         full = norm + projections + rope + attention + mlp + drop * c.d_model
     else:  # GPT-2's serial block: two norms, two input matmuls, a residual stream in the middle
         projections, widest = (q + 2 * kv + hidden) * b, max(q + 2 * kv, hidden)
@@ -167,12 +168,14 @@ def estimate(setup: Setup, batch_size: int) -> Estimate:
     if c.pos_emb == "learned":
         fixed += block_input  # the position embeddings' sum with the token embeddings
     forward = fixed + (c.n_layer + 1) * block_input + c.n_layer * per_block  # all kept at the forward's end
-    # The output layer (fused.py): dL/dx and dL/dW computed in the forward, in fp32, kept for the backward;
-    # one chunk of logits (fp32, and its compute-dtype copy); in mixed precision a compute-dtype copy of the
-    # weight and each chunk's dW term, in the compute dtype then fp32.
-    chunk = min(tokens, max(1, CHUNK_ELEMENTS // c.vocab_size)) * c.vocab_size
-    output_kept = 4 * vocab_matrix + 4 * c.d_model * tokens
-    output_forward = output_kept + chunk * 4 + (chunk * b + vocab_matrix * (2 * b + 4) if mixed else 0)
+    # The output layer (fused.py): dL/dx (compute dtype) and dL/dW (fp32) computed in the forward, kept for
+    # the backward; one reused buffer of a chunk of logits in the compute dtype; in mixed precision also the
+    # chunk's fp32 statistics and compute-dtype gradient, a compute-dtype copy of the weight and each chunk's
+    # dW term, in the compute dtype then fp32.
+    rows = max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS.get(setup.device, CHUNK_ELEMENTS["cuda"]) // c.vocab_size)
+    chunk = min(tokens, rows) * c.vocab_size
+    output_kept = 4 * vocab_matrix + b * c.d_model * tokens
+    output_forward = output_kept + chunk * b + (chunk * (4 + b) + vocab_matrix * (2 * b + 4) if mixed else 0)
     # Autocast keeps a compute-dtype copy of each block's weight matrices until the forward ends, and without
     # checkpointing the matmuls keep them until their backward; with it, a block's recomputation casts its
     # own again (FSDP2 all-gathers in the compute dtype instead: no autocast).

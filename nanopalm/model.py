@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanopalm.fused import linear_cross_entropy
+from nanopalm.fused import linear_cross_entropy, split_projection
 
 
 @dataclass
@@ -90,38 +90,32 @@ class LayerNorm(nn.Module):
 
 
 class FusedLinear(nn.Linear):
-    """One matmul computing several projections of the same input; returns them split.
+    """One matmul computing several projections of the same input; returns them split, each with its
+    elementwise function applied (nanopalm/fused.py): q and k rotated by RoPE and in heads, v in heads,
+    the MLP's SwiGLU or GELU activation.
 
     `splits` names the logical matrices stacked in the weight's rows (q, k, v, gate, up). The optimizer
     reads it too: PaLM's Adafactor scales each logical matrix by its own RMS, not the fused tensor's.
     """
 
-    def __init__(self, d_in: int, splits: dict[str, int], bias: bool) -> None:
+    def __init__(self, d_in: int, splits: dict[str, int], bias: bool, head_dim: int = 0) -> None:
         super().__init__(d_in, sum(splits.values()), bias=bias)
-        self.splits = splits
+        self.splits, self.head_dim = splits, head_dim
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return super().forward(x).split(list(self.splits.values()), dim=-1)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple:
+        return split_projection(super().forward(x), self.splits, self.head_dim, rope)
 
 
 def rope_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (length, head_dim) for the "rotate half" layout.
+    """cos and sin of shape (length, head_dim / 2): position p's angle p * base^(-2i / head_dim) for pair i.
 
-    Dimension i and dimension i + head_dim/2 form one rotation pair and share one angle, which is what
-    makes the rotation norm-preserving and q.k a function of the position difference alone (the
-    original nanoPALM's tables mismatched the pairing, so neither held).
+    Dimension i and dimension i + head_dim/2 form one rotation pair ("rotate half" layout) and share one
+    angle, which is what makes the rotation norm-preserving and q.k a function of the position
+    difference alone (the original nanoPALM's tables mismatched the pairing, so neither held).
     """
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (..., T, D) by the angles of its positions (cos/sin: (T, D))."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -145,7 +139,7 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal attention of H query heads over K shared key/value heads (K = 1: multi-query), after RoPE."""
+    """Causal attention of H query heads over K shared key/value heads (K = 1: multi-query)."""
 
     def __init__(self, c: PaLMConfig) -> None:
         super().__init__()
@@ -153,13 +147,9 @@ class Attention(nn.Module):
         self.out = nn.Linear(c.n_head * c.head_dim, c.d_model, bias=c.bias)
         self.cache: KVCache | None = None  # set by PaLM.setup_cache for generation
 
-    def forward(self, q, k, v, rope: tuple[torch.Tensor, torch.Tensor] | None, pos: int) -> torch.Tensor:
-        B, T, _ = q.shape
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> torch.Tensor:
+        """q (B, H, T, D), k and v (B, K, T, D), RoPE already applied (FusedLinear) -> (B, T, C)."""
+        B, _, T, _ = q.shape
         mask = None
         if self.cache is not None:
             k, v = self.cache.update(pos, k, v)  # (B, K, pos + T, D)
@@ -174,7 +164,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU, Swish(x W) * (x V) then W2 (Shazeer 2020; PaLM Section 2), or GPT-2's GELU(x W) then W2."""
+    """SwiGLU, Swish(x W) * (x V) then W2 (Shazeer 2020; PaLM Section 2), or GPT-2's GELU(x W) then W2.
+    The input matrices live in the block's fused projection, which applies the activation too."""
 
     def __init__(self, c: PaLMConfig) -> None:
         super().__init__()
@@ -185,8 +176,7 @@ class MLP(nn.Module):
         """The input matrices this MLP needs, for the block's fused projection."""
         return {"gate": c.d_ff, "up": c.d_ff} if self.swiglu else {"up": c.d_ff}
 
-    def forward(self, *u: torch.Tensor) -> torch.Tensor:  # (B, T, d_ff) each
-        hidden = F.silu(u[0]) * u[1] if self.swiglu else F.gelu(u[0], approximate="tanh")
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, d_ff), activated
         return self.out(hidden)
 
 
@@ -201,12 +191,12 @@ class ParallelBlock(nn.Module):
         self.norm = LayerNorm(c.d_model, c.bias)
         self.attn, self.mlp = Attention(c), MLP(c)
         qkv = {"q": c.n_head * c.head_dim, "k": c.n_kv_head * c.head_dim, "v": c.n_kv_head * c.head_dim}
-        self.in_proj = FusedLinear(c.d_model, qkv | self.mlp.input_splits(c), bias=c.bias)
+        self.in_proj = FusedLinear(c.d_model, qkv | self.mlp.input_splits(c), bias=c.bias, head_dim=c.head_dim)
         self.drop = nn.Dropout(c.dropout)
 
     def forward(self, x: torch.Tensor, rope, pos: int = 0) -> torch.Tensor:
-        q, k, v, *u = self.in_proj(self.norm(x))
-        return x + self.drop(self.attn(q, k, v, rope, pos) + self.mlp(*u))
+        q, k, v, hidden = self.in_proj(self.norm(x), rope)
+        return x + self.drop(self.attn(q, k, v, pos) + self.mlp(hidden))
 
 
 class SerialBlock(nn.Module):
@@ -217,12 +207,12 @@ class SerialBlock(nn.Module):
         self.norm1, self.norm2 = LayerNorm(c.d_model, c.bias), LayerNorm(c.d_model, c.bias)
         self.attn, self.mlp = Attention(c), MLP(c)
         qkv = {"q": c.n_head * c.head_dim, "k": c.n_kv_head * c.head_dim, "v": c.n_kv_head * c.head_dim}
-        self.in_proj = FusedLinear(c.d_model, qkv, bias=c.bias)
+        self.in_proj = FusedLinear(c.d_model, qkv, bias=c.bias, head_dim=c.head_dim)
         self.mlp_in = FusedLinear(c.d_model, self.mlp.input_splits(c), bias=c.bias)
         self.drop = nn.Dropout(c.dropout)
 
     def forward(self, x: torch.Tensor, rope, pos: int = 0) -> torch.Tensor:
-        x = x + self.drop(self.attn(*self.in_proj(self.norm1(x)), rope, pos))
+        x = x + self.drop(self.attn(*self.in_proj(self.norm1(x), rope), pos))
         return x + self.drop(self.mlp(*self.mlp_in(self.norm2(x))))
 
 
@@ -260,8 +250,8 @@ class PaLM(nn.Module):
         if c.pos_emb == "rope":
             # Not persistent: derived from the config, never stored in checkpoints, and rebuilt by
             # init_weights on the real device after a meta-device construction (distributed.py).
-            self.register_buffer("rope_cos", torch.empty(c.block_size, c.head_dim), persistent=False)
-            self.register_buffer("rope_sin", torch.empty(c.block_size, c.head_dim), persistent=False)
+            self.register_buffer("rope_cos", torch.empty(c.block_size, c.head_dim // 2), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(c.block_size, c.head_dim // 2), persistent=False)
         self.init_weights()
 
     @torch.no_grad()
@@ -323,7 +313,7 @@ class PaLM(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(pos, pos + T, device=idx.device))
         else:
-            rope = (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T])  # (T, D) each
+            rope = (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T])  # (T, D/2) each
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, pos)
@@ -349,4 +339,4 @@ class PaLM(nn.Module):
             block.attn.cache = None
 
 
-__all__ = ["PaLMConfig", "PaLM", "LMOutput", "KVCache", "FusedLinear", "rope_tables", "apply_rope"]
+__all__ = ["PaLMConfig", "PaLM", "LMOutput", "KVCache", "FusedLinear", "rope_tables"]

@@ -75,16 +75,21 @@ def load_bench_script():
     return script
 
 
-def test_training_benchmark_cli_prints_its_tables(capsys):
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_training_benchmark_cli_prints_its_tables(capsys, clock):
     load_bench_script().main(["--preset", "tiny", "--compare", "--repeats", "2", "--steps", "1", "--warmup", "0",
                               "--peak_flops", "1e9", "--device", "cpu", "--block_size=32",
-                              "--activation_checkpointing", "none", "full"])
+                              "--activation_checkpointing", "none", "full", "--clock", clock, "--profile", "1"])
     out = capsys.readouterr().out
     assert out.startswith("$ python bench.py --preset tiny --compare")
     assert "| tiny | false | none |" in out and "| GPT-2-style | false | full |" in out
     assert "MFU against 1.0 GFLOP/s (--peak_flops" in out
     assert "PaLM / GPT-2-style tokens/s, compile false, checkpointing full:" in out and "median of 2 repeats" in out
     assert "tiny, compile false, checkpointing full against none: peak memory 0." in out  # less memory
+    assert ("CPU time of this process" in out) == (clock == "cpu")
+    profile = out[out.index("Where a step's time goes"):]
+    assert "| operator | tiny | GPT-2-style | tiny | GPT-2-style |" in profile and "| `aten::mm` |" in profile
+    assert "| all operators |" in profile
 
 
 def test_memory_planner_cli_prints_every_mode_and_what_fits(capsys):
@@ -96,3 +101,19 @@ def test_memory_planner_cli_prints_every_mode_and_what_fits(capsys):
     fits = {(r[0][2:], r[1]): int(r[2]) for r in rows}
     assert fits[("FSDP2", "full")] > fits[("FSDP2", "selective")] > fits[("FSDP2", "none")] > fits[("DDP", "none")]
     assert "(4 layers, d_model 64" in out and "2 GPU(s) of 0.01 GiB, 10% of it kept free" in out
+
+
+def test_cpu_clock_refuses_a_gpu(monkeypatch):
+    bench = load_bench_script()
+    monkeypatch.setattr(bench, "pick_device", lambda name: torch.device("cuda"))
+    with pytest.raises(UserError, match="--clock cpu times CPU work: it cannot time cuda"):
+        bench.main(["--preset", "tiny", "--clock", "cpu", "--device", "cuda"])
+
+
+def test_logits_benchmark_cli_compares_chunked_and_full_logits(capsys):
+    load_bench_script().main(["logits", "--vocab_sizes", "4096", "--block_size", "512", "--n_layer=1"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| 4,096 |")]
+    assert [row[2].strip() for row in rows] == ["full", "chunked"]
+    full, chunked = (float(row[5].replace(",", "")) for row in rows)
+    assert full > 2 * chunked  # 512 x 4096 fp32 logits are 8 MiB: the full path holds several copies
+    assert float(rows[1][6].strip().rstrip("x")) == pytest.approx(full / chunked, rel=0.1)

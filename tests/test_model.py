@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from nanopalm.config import model_config, model_presets
-from nanopalm.fused import linear_cross_entropy
-from nanopalm.model import PaLM, PaLMConfig, apply_rope, rope_tables
+from nanopalm.fused import apply_rope, linear_cross_entropy
+from nanopalm.model import PaLM, PaLMConfig, rope_tables
 from nanopalm.variants import gpt2_config, param_count
 
 MODEL_PRESETS = model_presets()
