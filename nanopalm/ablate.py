@@ -167,7 +167,9 @@ def verdict(expected: str | None, delta: float, noise: float, better_if_negative
     if expected is None:
         return "no claim to test"
     effect = "neutral" if abs(delta) <= noise else ("better" if (delta < 0) == better_if_negative else "worse")
-    return "agrees" if effect == expected else f"differs: measured {effect}"
+    if effect == expected:
+        return "agrees"
+    return f"differs: {'within noise' if effect == 'neutral' else 'measured ' + effect}"
 
 
 def plot(curves: dict[str, list[list[dict]]], path: Path) -> None:
@@ -208,8 +210,9 @@ def report(plan: list[tuple[Variant, dict, list[dict]]], args, command: str, mac
         f"    {command}", "",
         f"{machine}. Budget per run: {args.budget_text}; {args.seeds} seeds a variant, one run after another. "
         f"Model: the PaLM of `{args.preset}`{', with ' + args.profile_text if args.profile_text else ''} "
-        "and every variant at its parameter count (within 2%, by width: d_model and d_ff = 4 d_model; depth, "
-        "heads and head size unchanged). val bpb: the whole val split at the end of each run (`val_bpb_full`), "
+        "and every variant at its parameter count (within 2%, by width: d_model with d_ff = 4 d_model, then d_ff "
+        "alone within 12.5% of that where a step of d_model is too coarse; depth, heads and head size "
+        "unchanged). val bpb: the whole val split at the end of each run (`val_bpb_full`), "
         f"mean +- sd over seeds. Time to {args.target_bpb:.3f} bpb: median over seeds of the training seconds "
         "until an evaluation first reaches it (-: not every seed did). KV cache: bytes a sequence at the full "
         "context, fp32.", "",

@@ -69,3 +69,12 @@ def test_the_ablation_runs_resumes_a_killed_run_skips_finished_ones_and_writes_t
 def test_unknown_variants_are_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="--only: no variant palm-wings; the variants: palm, gpt2, palm-parallel"):
         ablate.main(["--only", "palm,palm-wings", "--out", str(tmp_path)])
+
+
+def test_the_verdict_compares_the_claim_with_the_effect_beyond_the_noise():
+    verdict = ablate.verdict
+    assert verdict("better", -0.02, 0.005, better_if_negative=True) == "agrees"  # lower bpb is better
+    assert verdict("neutral", 0.02, 0.005, better_if_negative=True) == "differs: measured worse"
+    assert verdict("better", -0.004, 0.005, better_if_negative=True) == "differs: within noise"
+    assert verdict("better", 0.10, 0.03, better_if_negative=False) == "agrees"  # faster is better
+    assert verdict(None, 1.0, 0.0, better_if_negative=True) == "no claim to test"

@@ -89,17 +89,30 @@ def test_no_rank_holds_the_whole_model():
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_ranks_train_like_one_process_with_the_same_global_batch(mode, one_process, request):
-    """fp32: the losses and the final weights are bitwise those of one process (docs/DISTRIBUTED.md)."""
+    """fp32: DDP's losses and final weights are bitwise those of one process. FSDP2's gradients are too (see
+    the next test), but its grad norm sums the squares shard by shard, another order of float additions
+    (measured 1.2e-7 apart), so once gradient clipping scales a step, the weights drift by float rounding:
+    measured 4.8e-7 in the losses and 2.4e-7 in the weights over these 12 steps (docs/DISTRIBUTED.md)."""
     out, result = request.getfixturevalue(mode)
     reference, got = losses(one_process), losses(out)
     assert sorted(got) == list(range(1, 13))  # only rank 0 writes metrics: each step once
-    assert [got[k][0] for k in sorted(got)] == [reference[k][0] for k in sorted(reference)]  # losses: bitwise
-    # Grad norms: FSDP2 sums the squares shard by shard, another order of float additions: measured 6e-8.
-    assert max_difference(reference, got, column=1) < (1e-6 if mode == "fsdp" else 1e-12)
+    bound = 2e-6 if mode == "fsdp" else 0.0
+    assert max_difference(reference, got) <= bound
+    assert max_difference(reference, got, column=1) <= bound
     assert result.stdout.count("val loss") == 3  # only rank 0 prints: evaluations at 0, 6, 12
     assert (out / "loss.png").is_file() and "a sample from the model" not in result.stdout  # sample_tokens=0
     mine = weights(one_process)
-    assert all(torch.equal(tensor, mine[name]) for name, tensor in weights(out).items())
+    assert all((tensor - mine[name]).abs().max() <= bound for name, tensor in weights(out).items())
+
+
+def test_fsdp2_without_clipping_is_bitwise_one_process(reference_values, tmp_path):
+    """With clipping off nothing reads the grad norm: FSDP2's losses and weights are bitwise one process's."""
+    values = {**reference_values, "grad_clip": 0, "max_iters": 6}
+    train(build_config({**values, "out_dir": str(tmp_path / "one")}))
+    out, _ = launched(values, tmp_path / "fsdp", fsdp=True)
+    assert max_difference(losses(tmp_path / "one"), losses(out)) == 0.0
+    mine = weights(tmp_path / "one", 6)
+    assert all(torch.equal(tensor, mine[name]) for name, tensor in weights(out, 6).items())
 
 
 def test_fsdp_in_bf16_runs_the_gpu_recipe(reference_values, one_process, tmp_path):
@@ -121,15 +134,16 @@ def test_a_checkpoint_saved_by_two_ranks_resumes_on_one(mode, reference_values, 
     mine = torch.load(ckpt.checkpoint_dir(one_process, 6) / ckpt.TRAINER_FILE, weights_only=True)["optimizer"]
     theirs = torch.load(single / ckpt.TRAINER_FILE, weights_only=True)["optimizer"]
     assert theirs["param_groups"] == mine["param_groups"]
-    torch.testing.assert_close(theirs["state"], mine["state"], rtol=0, atol=0)  # bitwise
+    bound = 2e-6 if mode == "fsdp" else 0.0  # FSDP2 with clipping: see the test above
+    torch.testing.assert_close(theirs["state"], mine["state"], rtol=0, atol=bound)  # DDP: bitwise
 
     out = tmp_path / "resumed"
     shutil.copytree(saved, ckpt.checkpoint_dir(out, 6))
     train(build_config({**reference_values, "out_dir": str(out), "resume": True}))
     reference = {k: v for k, v in losses(one_process).items() if k > 6}
-    assert max_difference(reference, losses(out)) == 0.0
+    assert max_difference(reference, losses(out)) <= bound
     mine = weights(one_process)
-    assert all(torch.equal(tensor, mine[name]) for name, tensor in weights(out).items())
+    assert all((tensor - mine[name]).abs().max() <= bound for name, tensor in weights(out).items())
 
 
 def test_a_killed_rank_is_brought_back_from_the_last_checkpoint(reference_values, fsdp, tmp_path):
