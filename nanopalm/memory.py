@@ -153,7 +153,8 @@ def estimate(setup: Setup, batch_size: int) -> Estimate:
     mixed = setup.dtype != torch.float32
     vocab_matrix = c.vocab_size * c.d_model
 
-    parameters = 4 * s.local + 2 * c.block_size * c.head_dim * 4  # fp32 weights and the RoPE tables
+    rope_tables = c.block_size * c.head_dim * 4 if c.pos_emb == "rope" else 0  # cos and sin, T x D/2 each
+    parameters = 4 * s.local + rope_tables  # fp32 weights
     if setup.sharded:  # all-gathered: the root for the whole step, two blocks at a time
         parameters += (s.root + 2 * s.block) * b
     optimizer = 8 * s.local

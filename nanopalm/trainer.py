@@ -130,6 +130,11 @@ class Trainer:
             self.tokenizer.save(self.out_dir)  # the run directory is self-contained for sampling
         self.logger = MetricsLogger(self.out_dir, self.dist.is_main, t.tensorboard, t.wandb_project,
                                     self.cfg.to_dict(), start_step=self.saved_step)
+        if self.dist.is_main:  # what --dtype=auto and --device=auto chose, before the first step
+            dtype = str(self.precision.dtype).removeprefix("torch.")
+            print(f"{self.raw_model.num_params():,} parameters on {self.device} ({dtype}), "
+                  f"{t.batch_size * t.gradient_accumulation_steps * block:,} tokens a step, "
+                  f"{self.dist.world_size} rank(s)", flush=True)
 
     def _warn_if_memory_is_short(self) -> None:
         """Before anything is allocated: the planner's estimate of a step's peak (nanopalm/memory.py) against

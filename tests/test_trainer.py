@@ -348,3 +348,10 @@ def test_a_run_that_will_not_fit_is_warned_about_before_its_first_step(tiny_run,
     monkeypatch.setattr("nanopalm.trainer.free_memory", lambda device: 1 << 40)
     Trainer(tiny_run("roomy"))
     assert "warning:" not in capsys.readouterr().out
+
+
+def test_a_run_says_what_device_and_precision_auto_chose(tiny_run, capsys):
+    train(tiny_run(max_iters=1, eval_interval=1, device="cpu", dtype="float32"))
+    first = capsys.readouterr().out.splitlines()[0]
+    # 80 x 32 tied embedding + 2 blocks of (32 norm + 320 x 32 fused q,k,v,gate,up + 32 x 32 + 128 x 32) + 32
+    assert first == "33,376 parameters on cpu (float32), 256 tokens a step, 1 rank(s)"
