@@ -78,3 +78,18 @@ def test_the_verdict_compares_the_claim_with_the_effect_beyond_the_noise():
     assert verdict("better", -0.004, 0.005, better_if_negative=True) == "differs: within noise"
     assert verdict("better", 0.10, 0.03, better_if_negative=False) == "agrees"  # faster is better
     assert verdict(None, 1.0, 0.0, better_if_negative=True) == "no claim to test"
+
+
+def test_the_equal_tokens_quality_is_read_at_the_furthest_point_every_run_reached():
+    def run(curve, full, speed):
+        return {"curve": curve, "val_bpb_full": full, "tokens_per_s": speed}
+
+    a = [run([(0, 0, 4.0), (100, 10, 3.0), (200, 20, 2.5)], 2.4, 100.0),
+         run([(0, 0, 4.0), (100, 11, 3.2), (200, 22, 2.7), (300, 30, 2.6)], 2.5, 120.0)]
+    b = [run([(0, 0, 4.1), (100, 9, 3.1), (200, 18, 2.9)], 2.8, 90.0)]
+    plan = [(None, {}, a), (None, {}, b)]
+    assert ablate.common_tokens(plan) == 200  # 300: only one run got there
+    s = ablate.summarize(a, target_bpb=2.6, at_tokens=200)
+    assert s["bpb_at"] == pytest.approx(2.6) and s["sd_at"] == pytest.approx(0.1414, abs=1e-4)
+    assert s["bpb"] == pytest.approx(2.45) and s["speed_sd"] == pytest.approx(14.142 / 110, rel=1e-3)
+    assert s["time_to_target"] == pytest.approx(25.0)  # the seeds reach 2.6 at 20 s (2.5) and 30 s (2.6)
