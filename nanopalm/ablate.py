@@ -218,7 +218,8 @@ def report(plan: list[tuple[Variant, dict, list[dict]]], args, command: str, mac
     """docs/ABLATIONS.md: the table, the paper's claims beside the measurements, the command."""
     at_tokens = common_tokens(plan)
     stats = {v.name: summarize(results, args.target_bpb, at_tokens) for v, _, results in plan}
-    sizes = {v.name: (param_count(build_config(values).model), build_config(values).model) for v, values, _ in plan}
+    models = {v.name: build_config(values).model for v, values, _ in plan}
+    sizes = {name: (param_count(model), model) for name, model in models.items()}
     palm = stats.get("palm")
     lines = [
         "# Ablations: what each PaLM choice is worth at this scale", "",
