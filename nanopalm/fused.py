@@ -119,6 +119,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_x, grad_w, None, None, None, None, None
 
 
+def default_chunk_rows(vocab_size: int, device_type: str) -> int:
+    """Rows of logits computed at once on `device_type` (CHUNK_ELEMENTS, at least MIN_CHUNK_ROWS)."""
+    return max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS.get(device_type, CHUNK_ELEMENTS["cuda"]) // vocab_size)
+
+
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0,
                          chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(training loss, cross-entropy) of the logits x @ weight.T against targets, chunk by chunk.
@@ -128,8 +133,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     (evaluation) no gradient work is done at all.
     """
     if chunk_rows is None:
-        elements = CHUNK_ELEMENTS.get(x.device.type, CHUNK_ELEMENTS["cuda"])
-        chunk_rows = max(MIN_CHUNK_ROWS, elements // weight.shape[0])
+        chunk_rows = default_chunk_rows(weight.shape[0], x.device.type)
     grad = torch.is_grad_enabled()  # (inside forward grad mode is always off: decide here)
     return _LinearCrossEntropy.apply(x, weight, targets, z_loss, chunk_rows, grad and x.requires_grad,
                                      grad and weight.requires_grad)

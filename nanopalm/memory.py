@@ -26,7 +26,7 @@ import torch
 from nanopalm.config import RunConfig
 from nanopalm.device import Precision
 from nanopalm.distributed import DistInfo
-from nanopalm.fused import CHUNK_ELEMENTS, MIN_CHUNK_ROWS
+from nanopalm.fused import default_chunk_rows
 from nanopalm.model import PaLM, PaLMConfig
 
 GIB = 1 << 30
@@ -173,8 +173,7 @@ def estimate(setup: Setup, batch_size: int) -> Estimate:
     # the backward; one reused buffer of a chunk of logits in the compute dtype; in mixed precision also the
     # chunk's fp32 statistics and compute-dtype gradient, a compute-dtype copy of the weight and each chunk's
     # dW term, in the compute dtype then fp32.
-    rows = max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS.get(setup.device, CHUNK_ELEMENTS["cuda"]) // c.vocab_size)
-    chunk = min(tokens, rows) * c.vocab_size
+    chunk = min(tokens, default_chunk_rows(c.vocab_size, setup.device)) * c.vocab_size
     output_kept = 4 * vocab_matrix + b * c.d_model * tokens
     output_forward = output_kept + chunk * b + (chunk * (4 + b) + vocab_matrix * (2 * b + 4) if mixed else 0)
     # Autocast keeps a compute-dtype copy of each block's weight matrices until the forward ends, and without
