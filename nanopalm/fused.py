@@ -14,7 +14,12 @@ p_i = exp(logits_i - m_i) / s_i the softmax and n the number of counted targets 
 neither term). The function walks over chunks of rows; for each it computes the chunk's logits (transposed,
 vocabulary by tokens) into one reused buffer, turns them in place into exp(logits - m) (one exp), reads s
 and the chunk's share of the loss, scales the buffer in place into the chunk's logit gradient G, and from
-it writes the chunk's rows of dL/dx = G W and adds its term of dL/dW = G^T x. The gradients are computed
+it writes the chunk's rows of dL/dx = G W and adds its term of dL/dW = G^T x.
+Any shift m_i gives the same lse; the max only keeps exp from overflowing (and s from vanishing). By
+Cauchy-Schwarz |logits_ij| <= ||x_i|| ||W_j||, so when that bound is at most SHIFT_FREE_BOUND (64) for every
+row, exp(logits) lies in [e^-64, e^64] and m = 0 is as exact: no max pass and no subtraction pass, two of
+the five passes over each chunk. The bound is checked once per call where reading it costs nothing (a CPU);
+on a GPU, where passes over memory are cheap and a host sync is not, the max is always taken. The gradients are computed
 in the forward pass (when grad is enabled) and scaled by the incoming gradient in backward: no logits are
 recomputed, so it costs the same three matmuls as the unfused layer, with fewer passes over the logits
 and only one chunk of them in memory (all of them are 17 GB in fp32 for 8 x 2048 tokens at PaLM's 256k
@@ -31,7 +36,9 @@ function applied on the way:
   - v unchanged;
   - SwiGLU (Shazeer 2020): hidden = silu(gate) * up, silu(g) = g sigmoid(g), whose gradients are
         d/dup = grad * silu(gate),  d/dgate = grad * up * silu'(gate),  silu'(g) = s (1 + g (1 - s)), s = sigmoid(g)
-    so it keeps gate and up (already in h) and not silu(gate); or GELU (tanh form) on up alone (GPT-2).
+    so it keeps gate and up (already in h) and silu(gate), which spares the backward an exp pass over d_ff
+    columns (~20% of SwiGLU's time on a CPU) for d_ff more numbers kept per token; or GELU (tanh form) on
+    up alone (GPT-2).
 Autograd would give each piece its own gradient and then concatenate them into h's gradient (the backward
 of a split is a cat), after RoPE's own cat and negation. Here the backward writes every piece's gradient
 straight into its columns of h itself, which nothing needs once the pieces' gradients are known: no cat,
@@ -45,11 +52,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Logits held at once: on a CPU about a last-level cache (one thread ran 8-32 MiB alike, two threads prefer
-# fewer, larger chunks), on a GPU long matmuls. At least MIN_CHUNK_ROWS rows, so that a huge vocabulary still
-# gets real matmuls: at 256k that is 256 MiB of fp32 logits, against 2 GiB a sequence of 2048 tokens unchunked.
-CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 25}  # 32 MiB / 128 MiB of fp32 logits
+# Logits held at once: on a CPU 16 MiB (the fastest of 4 to 32 MiB at one and two threads; 32 MiB is also
+# past glibc's largest mmap threshold, so that every call mapped its buffer afresh and page-faulted through
+# it, ~30 ms of system time a step of the default model), on a GPU long matmuls. At least MIN_CHUNK_ROWS rows, so that
+# a huge vocabulary still gets real matmuls: at 256k that is 256 MiB of fp32 logits, against 2 GiB a sequence
+# of 2048 tokens unchunked.
+CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 25}  # 16 MiB / 128 MiB of fp32 logits
 MIN_CHUNK_ROWS = 256
+# |logit| bound under which exp(logits) needs no shift: e^64 * 2^20 (a million words) stays below fp32's
+# largest number (e^88.7), and e^-64 far above its smallest normal one (e^-87.3).
+SHIFT_FREE_BOUND = 64.0
+# Devices where reading a number back costs no wait for queued work: only there is the bound checked.
+HOST_READS_ARE_FREE = {"cpu"}
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -75,17 +89,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             z_sum = torch.zeros((), device=x.device, dtype=stats)
             vocab = w.shape[0]
             buffer = torch.empty(vocab * min(chunk_rows, x.shape[0]), device=x.device, dtype=dtype)
+            shift = x.device.type not in HOST_READS_ARE_FREE or _logit_bound(xs, w, stats) > SHIFT_FREE_BOUND
             for start in range(0, x.shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
                 x_c, keep, index = xs[rows], valid[rows], targets[rows].clamp_min(0)[None]
                 # The chunk's logits, transposed: (V, n), one column a token (W x^T runs ~15% faster than
                 # x W^T on a CPU). The only logits alive at a time.
                 logits = torch.mm(w, x_c.T, out=buffer[:vocab * x_c.shape[0]].view(vocab, -1)).to(stats)
-                top = logits.amax(dim=0)
                 target_logit = logits.gather(0, index).squeeze(0)
-                exp = logits.sub_(top).exp_()  # in place: exp(logits - m)
+                top = logits.amax(dim=0) if shift else None
+                exp = (logits.sub_(top) if shift else logits).exp_()  # in place: exp(logits - m)
                 total = exp.sum(dim=0)
-                lse = top + total.log()
+                lse = total.log() + top if shift else total.log()
                 ce_sum += torch.where(keep, lse - target_logit, 0.0).sum()
                 z_sum += torch.where(keep, lse.square(), 0.0).sum()
                 if grad_x is None and grad_w is None:
@@ -117,6 +132,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if grad_w is not None:
             grad_w = grad_w.mul_(grad_loss).to(w_dtype)
         return grad_x, grad_w, None, None, None, None, None
+
+
+def _logit_bound(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> float:
+    """max_ij |x_i . W_j| <= max_i ||x_i|| max_j ||W_j|| (Cauchy-Schwarz), with norms in `dtype`."""
+    norms = [torch.linalg.vector_norm(t, dim=1, dtype=dtype).max() for t in (x, weight)]
+    return (norms[0] * norms[1]).item()
 
 
 def default_chunk_rows(vocab_size: int, device_type: str) -> int:
@@ -157,18 +178,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch
     return out
 
 
-def _swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> None:
-    """Overwrite gate and up with the gradients of silu(gate) * up (one temporary, silu(gate))."""
-    silu = F.silu(gate)
+def _swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, silu: torch.Tensor) -> None:
+    """Overwrite gate and up with the gradients of silu(gate) * up, given silu(gate) (no temporary)."""
     up.mul_(grad)  # grad * up: the gradient of silu(gate)
     torch.ops.aten.silu_backward.grad_input(up, gate, grad_input=gate)  # times silu'(gate), into gate
     torch.mul(grad, silu, out=up)
 
 
 def _pieces(h: torch.Tensor, columns: dict[str, slice], head_dim: int, cos: torch.Tensor | None,
-            sin: torch.Tensor | None, compiling: bool) -> tuple[torch.Tensor, ...]:
-    """The pieces of h, each with its function (split_projection's forward)."""
-    pieces = []
+            sin: torch.Tensor | None, compiling: bool) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+    """The pieces of h, each with its function (split_projection's forward), and silu(gate) for the
+    backward when there is a gate."""
+    pieces, silu = [], None
     if "q" in columns:
         qk = _heads(h, columns["q"].start, columns["k"].stop, head_dim)  # (B, T, H + K, D): q and k together
         if cos is not None:
@@ -178,10 +199,11 @@ def _pieces(h: torch.Tensor, columns: dict[str, slice], head_dim: int, cos: torc
         v = _heads(h, columns["v"].start, columns["v"].stop, head_dim)
         pieces += [qk[:, :, :n_q].transpose(1, 2), qk[:, :, n_q:].transpose(1, 2), v.transpose(1, 2)]
     if "gate" in columns:
-        pieces.append(F.silu(h[..., columns["gate"]]).mul_(h[..., columns["up"]]))
+        silu = F.silu(h[..., columns["gate"]])
+        pieces.append(silu * h[..., columns["up"]])
     elif "up" in columns:
         pieces.append(F.gelu(h[..., columns["up"]], approximate="tanh"))
-    return tuple(pieces)
+    return tuple(pieces), silu
 
 
 class _SplitProjection(torch.autograd.Function):
@@ -189,12 +211,13 @@ class _SplitProjection(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                 splits: tuple[tuple[str, int], ...], head_dim: int) -> tuple[torch.Tensor, ...]:
         ctx.columns, ctx.head_dim = _columns(splits), head_dim
-        ctx.save_for_backward(h, cos, sin)
-        return _pieces(h, ctx.columns, head_dim, cos, sin, compiling=False)
+        pieces, silu = _pieces(h, ctx.columns, head_dim, cos, sin, compiling=False)
+        ctx.save_for_backward(h, cos, sin, silu)
+        return pieces
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
-        h, cos, sin = ctx.saved_tensors
+        h, cos, sin, silu = ctx.saved_tensors
         columns, head_dim = ctx.columns, ctx.head_dim
         grad_h = h.detach()  # each piece's gradient overwrites its own columns, once they are read
         grads = list(grads)
@@ -207,7 +230,7 @@ class _SplitProjection(torch.autograd.Function):
                 else:
                     slot.copy_(grad)
         if "gate" in columns:
-            _swiglu_backward(grads[0], grad_h[..., columns["gate"]], grad_h[..., columns["up"]])
+            _swiglu_backward(grads[0], grad_h[..., columns["gate"]], grad_h[..., columns["up"]], silu)
         elif "up" in columns:
             up = grad_h[..., columns["up"]]
             torch.ops.aten.gelu_backward.grad_input(grads[0], up, approximate="tanh", grad_input=up)
@@ -240,5 +263,5 @@ def split_projection(h: torch.Tensor, splits: dict[str, int], head_dim: int,
         raise ValueError(f"q, k and v must come first and in that order, not {list(splits)}")
     cos, sin = rope if rope is not None else (None, None)
     if torch.compiler.is_compiling():  # plain operations: inductor fuses them, forward and backward, by itself
-        return _pieces(h, _columns(tuple(splits.items())), head_dim, cos, sin, compiling=True)
+        return _pieces(h, _columns(tuple(splits.items())), head_dim, cos, sin, compiling=True)[0]
     return _SplitProjection.apply(h, cos, sin, tuple(splits.items()), head_dim)

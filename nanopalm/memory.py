@@ -130,7 +130,7 @@ def _block_activations(setup: Setup, tokens: int) -> tuple[int, int, int]:
     attention = q * b + 4 * c.n_head  # SDPA's output and its log-sum-exp (fp32)
     if not setup.flash:  # math kernel: scores' softmax, and with dropout its mask and result (fp32 on CPU)
         attention += c.n_head * c.block_size * (4 + 8 * bool(c.dropout)) + 2 * q * b
-    mlp = c.d_ff * b  # the activation's output (fused.py: SwiGLU's product made in place of silu(gate))
+    mlp = (2 if c.mlp == "swiglu" else 1) * c.d_ff * b  # the activation's output; SwiGLU's silu(gate) too (fused.py)
     norm = c.d_model * b + 8  # LayerNorm's output as the matmul keeps it, and its mean and rstd (fp32)
     outputs = 2 * c.d_model * b  # attention's and the MLP's output projections (kept by selective only)
     if c.parallel_block:  # one LayerNorm, one fused matmul: q, k, v, gate, up

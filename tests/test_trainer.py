@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from nanopalm import checkpoint as ckpt
 from nanopalm import distributed as D
+from nanopalm import fused
 from nanopalm.trainer import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,6 +245,7 @@ def test_a_step_syncs_the_host_once_and_runs_one_collective(tiny_run, monkeypatc
 
     monkeypatch.setattr(trainer, "dist", D.DistInfo(rank=0, local_rank=0, world_size=2))
     monkeypatch.setattr(D, "all_reduce_sum", all_reduce_sum)
+    monkeypatch.setattr(fused, "HOST_READS_ARE_FREE", set())  # as on a GPU: no logit-bound read (fused.py)
     monkeypatch.setattr(D, "no_grad_sync", lambda model, info, last: contextlib.nullcontext())
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
