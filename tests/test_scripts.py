@@ -31,3 +31,12 @@ def test_baselines_are_uniform_and_add_one_unigram(tmp_path):
     unigram = -(math.log(4 / 7) + math.log(2 / 7)) / 2
     assert result["nats_per_token"] == pytest.approx({"uniform": math.log(3), "unigram": unigram})
     assert result["bits_per_byte"]["unigram"] == pytest.approx(unigram / math.log(2) / 2)
+
+
+def test_fused_before_after_times_every_variant_in_every_round(capsys):
+    """Against this tree's own fused.py: the variants agree on the loss (checked by the script) and each is
+    timed once a round."""
+    times = script("fused_before_after").main(str(REPO / "nanopalm" / "fused.py"), "tiny", 1, 2, "cpu")
+    assert list(times) == ["before", "after: output layer", "after"]
+    assert all(len(t) == 2 and min(t) > 0 for t in times.values())
+    assert "before / this, per round" in capsys.readouterr().out

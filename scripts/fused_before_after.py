@@ -1,0 +1,75 @@
+"""nanopalm/fused.py before and after a change, on full training steps of one model, interleaved in one
+process: the old file for both fused functions, this tree's output layer with the old projection, and this
+tree's file for both. From the repository root:
+
+    git show 2a8de46~1:nanopalm/fused.py > /tmp/old_fused.py
+    python scripts/fused_before_after.py /tmp/old_fused.py shakespeare 1 30 cpu    # OLD PRESET THREADS ROUNDS CLOCK
+
+Each round times one step of each variant, in an order reversed every round, on the same model, optimizer and
+batch (nanopalm.bench.make_train_bench); it prints the median step and the median of the per-round ratios
+(old / variant), which a change in the machine's load between rounds cancels out of. The first step of each
+variant is untimed, and all variants must give the same loss there (to fp32 rounding).
+"""
+
+import importlib.util
+import statistics
+import sys
+import time
+
+import torch
+
+import nanopalm.model as model_module
+from nanopalm import fused
+from nanopalm.bench import CLOCKS, make_train_bench
+from nanopalm.config import model_config
+
+
+def load(path: str):
+    spec = importlib.util.spec_from_file_location("old_fused", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(old_path: str, preset: str, threads: int, rounds: int, clock_name: str = "wall") -> dict[str, list[float]]:
+    old = load(old_path)
+    torch.set_num_threads(threads)
+    variants = {  # model.py calls these two names; each variant sets them before its step
+        "before": (old.linear_cross_entropy, old.split_projection),
+        "after: output layer": (fused.linear_cross_entropy, old.split_projection),
+        "after": (fused.linear_cross_entropy, fused.split_projection),
+    }
+    bench = make_train_bench(preset, model_config(preset), 8, torch.device("cpu"), torch.float32, False)
+    clock = CLOCKS[clock_name]
+
+    def step(name: str) -> float:
+        model_module.linear_cross_entropy, model_module.split_projection = variants[name]
+        start = clock()
+        bench.step()
+        return clock() - start
+
+    losses = {}
+    for name in variants:  # the same weights: the same loss from every variant
+        model_module.linear_cross_entropy, model_module.split_projection = variants[name]
+        with torch.no_grad():
+            losses[name] = bench.model(bench.x, bench.y).loss.item()
+    for name in variants:  # untimed warm-up
+        step(name)
+    first = next(iter(losses.values()))
+    if any(abs(loss - first) > 1e-5 * abs(first) for loss in losses.values()):
+        raise SystemExit(f"the variants disagree on the loss: {losses}")
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for i in range(rounds):
+        for name in names if i % 2 == 0 else names[::-1]:
+            times[name].append(1000 * step(name))
+    print(f"{preset}, {threads} thread(s), fp32 CPU, {rounds} rounds, {clock_name} clock; ms per training step")
+    for name in names:
+        ratios = [a / b for a, b in zip(times["before"], times[name], strict=True)]
+        print(f"{name}: median {statistics.median(times[name]):.1f} ms; before / this, per round: median "
+              f"{statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})")
+    return times
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:6])
