@@ -19,12 +19,12 @@ Any shift m_i gives the same lse; the max only keeps exp from overflowing (and s
 Cauchy-Schwarz |logits_ij| <= ||x_i|| ||W_j||, so when that bound is at most SHIFT_FREE_BOUND (64) for every
 row, exp(logits) lies in [e^-64, e^64] and m = 0 is as exact: no max pass and no subtraction pass, two of
 the five passes over each chunk. The bound is checked once per call where reading it costs nothing (a CPU);
-on a GPU, where passes over memory are cheap and a host sync is not, the max is always taken. The gradients are computed
-in the forward pass (when grad is enabled) and scaled by the incoming gradient in backward: no logits are
-recomputed, so it costs the same three matmuls as the unfused layer, with fewer passes over the logits
-and only one chunk of them in memory (all of them are 17 GB in fp32 for 8 x 2048 tokens at PaLM's 256k
-vocabulary). Under autocast the matmuls run in the autocast dtype, as F.linear's would, and the softmax
-statistics in fp32.
+on a GPU, where passes over memory are cheap and a host sync is not, the max is always taken.
+The gradients are computed in the forward pass (when grad is enabled) and scaled by the incoming gradient
+in backward: no logits are recomputed, so it costs the same three matmuls as the unfused layer, with fewer
+passes over the logits and only one chunk of them in memory (all of them are 17 GB in fp32 for 8 x 2048
+tokens at PaLM's 256k vocabulary). Under autocast the matmuls run in the autocast dtype, as F.linear's would,
+and the softmax statistics in fp32.
 
 2. split_projection: a block's fused input projection h = LN(x) [Wq Wk Wv Wgate Wup]^T (PaLM Section 2:
 one matmul for both branches of the parallel block) cut into its pieces, with each piece's elementwise
@@ -36,9 +36,8 @@ function applied on the way:
   - v unchanged;
   - SwiGLU (Shazeer 2020): hidden = silu(gate) * up, silu(g) = g sigmoid(g), whose gradients are
         d/dup = grad * silu(gate),  d/dgate = grad * up * silu'(gate),  silu'(g) = s (1 + g (1 - s)), s = sigmoid(g)
-    so it keeps gate and up (already in h) and silu(gate), which spares the backward an exp pass over d_ff
-    columns (~20% of SwiGLU's time on a CPU) for d_ff more numbers kept per token; or GELU (tanh form) on
-    up alone (GPT-2).
+    so it keeps gate and up (already in h) and silu(gate), which spares the backward an exp pass over the
+    d_ff columns for d_ff more numbers kept per token; or GELU (tanh form) on up alone (GPT-2).
 Autograd would give each piece its own gradient and then concatenate them into h's gradient (the backward
 of a split is a cat), after RoPE's own cat and negation. Here the backward writes every piece's gradient
 straight into its columns of h itself, which nothing needs once the pieces' gradients are known: no cat,
@@ -54,7 +53,7 @@ import torch.nn.functional as F
 
 # Logits held at once: on a CPU 16 MiB (the fastest of 4 to 32 MiB at one and two threads; 32 MiB is also
 # past glibc's largest mmap threshold, so that every call mapped its buffer afresh and page-faulted through
-# it, ~30 ms of system time a step of the default model), on a GPU long matmuls. At least MIN_CHUNK_ROWS rows, so that
+# it, 8,192 faults of 4 KiB), on a GPU long matmuls. At least MIN_CHUNK_ROWS rows, so that
 # a huge vocabulary still gets real matmuls: at 256k that is 256 MiB of fp32 logits, against 2 GiB a sequence
 # of 2048 tokens unchunked.
 CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 25}  # 16 MiB / 128 MiB of fp32 logits

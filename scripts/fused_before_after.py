@@ -14,7 +14,6 @@ variant is untimed, and all variants must give the same loss there (to fp32 roun
 import importlib.util
 import statistics
 import sys
-import time
 
 import torch
 
