@@ -40,6 +40,22 @@ def main(old_path: str, preset: str, threads: int, rounds: int, clock_name: str 
     }
     bench = make_train_bench(preset, model_config(preset), 8, torch.device("cpu"), torch.float32, False)
     clock = CLOCKS[clock_name]
+    this_tree = model_module.linear_cross_entropy, model_module.split_projection
+    try:
+        times = _time_variants(variants, bench, clock, rounds)
+    finally:  # model.py calls this tree's functions again
+        model_module.linear_cross_entropy, model_module.split_projection = this_tree
+    names = list(variants)
+    print(f"{preset}, {threads} thread(s), fp32 CPU, {rounds} rounds, {clock_name} clock; ms per training step")
+    for name in names:
+        ratios = [a / b for a, b in zip(times["before"], times[name], strict=True)]
+        print(f"{name}: median {statistics.median(times[name]):.1f} ms; before / this, per round: median "
+              f"{statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})")
+    return times
+
+
+def _time_variants(variants: dict, bench, clock, rounds: int) -> dict[str, list[float]]:
+    """Milliseconds of each variant's steps, one a round, in turns."""
 
     def step(name: str) -> float:
         model_module.linear_cross_entropy, model_module.split_projection = variants[name]
@@ -62,11 +78,6 @@ def main(old_path: str, preset: str, threads: int, rounds: int, clock_name: str 
     for i in range(rounds):
         for name in names if i % 2 == 0 else names[::-1]:
             times[name].append(1000 * step(name))
-    print(f"{preset}, {threads} thread(s), fp32 CPU, {rounds} rounds, {clock_name} clock; ms per training step")
-    for name in names:
-        ratios = [a / b for a, b in zip(times["before"], times[name], strict=True)]
-        print(f"{name}: median {statistics.median(times[name]):.1f} ms; before / this, per round: median "
-              f"{statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})")
     return times
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from nanopalm import fused, model
 from nanopalm.data import SplitStats, write_meta, write_token_file
 from nanopalm.tokenizer import CharTokenizer
 
@@ -38,5 +39,7 @@ def test_fused_before_after_times_every_variant_in_every_round(capsys):
     timed once a round."""
     times = script("fused_before_after").main(str(REPO / "nanopalm" / "fused.py"), "tiny", 1, 2, "cpu")
     assert list(times) == ["before", "after: output layer", "after"]
+    assert (model.linear_cross_entropy, model.split_projection) == (fused.linear_cross_entropy,
+                                                                   fused.split_projection)  # restored
     assert all(len(t) == 2 and min(t) > 0 for t in times.values())
     assert "before / this, per round" in capsys.readouterr().out
