@@ -51,11 +51,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Logits held at once: on a CPU 16 MiB (the fastest of 4 to 32 MiB at one and two threads; 32 MiB is also
-# past glibc's largest mmap threshold, so that every call mapped its buffer afresh and page-faulted through
-# it, 8,192 faults of 4 KiB), on a GPU long matmuls. At least MIN_CHUNK_ROWS rows, so that
-# a huge vocabulary still gets real matmuls: at 256k that is 256 MiB of fp32 logits, against 2 GiB a sequence
-# of 2048 tokens unchunked.
+# Logits held at once: on a CPU 16 MiB, below glibc's largest mmap threshold (32 MiB; at 32 every call mapped
+# its buffer afresh and page-faulted through it, 8,192 faults of 4 KiB), on a GPU long matmuls. At least
+# MIN_CHUNK_ROWS rows, so that a huge vocabulary still gets real matmuls: at 256k that is 256 MiB of fp32
+# logits, against 2 GiB a sequence of 2048 tokens unchunked.
 CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 25}  # 16 MiB / 128 MiB of fp32 logits
 MIN_CHUNK_ROWS = 256
 # |logit| bound under which exp(logits) needs no shift: e^64 * 2^20 (a million words) stays below fp32's
