@@ -7,8 +7,8 @@ tree's file for both. From the repository root:
 
 Each round times one step of each variant, in an order reversed every round, on the same model, optimizer and
 batch (nanopalm.bench.make_train_bench); it prints the median step and the median of the per-round ratios
-(old / variant), which a change in the machine's load between rounds cancels out of. The first step of each
-variant is untimed, and all variants must give the same loss there (to fp32 rounding).
+(old / variant), which a change in the machine's load between rounds cancels out of. Before any step all
+variants must give the same loss on the batch (to fp32 rounding); then each takes one untimed step.
 """
 
 import importlib.util
@@ -57,15 +57,18 @@ def main(old_path: str, preset: str, threads: int, rounds: int, clock_name: str 
 def _time_variants(variants: dict, bench, clock, rounds: int) -> dict[str, list[float]]:
     """Milliseconds of each variant's steps, one a round, in turns."""
 
-    def step(name: str) -> float:
+    def use(name: str) -> None:
         model_module.linear_cross_entropy, model_module.split_projection = variants[name]
+
+    def step(name: str) -> float:
+        use(name)
         start = clock()
         bench.step()
         return clock() - start
 
     losses = {}
     for name in variants:  # the same weights: the same loss from every variant
-        model_module.linear_cross_entropy, model_module.split_projection = variants[name]
+        use(name)
         with torch.no_grad():
             losses[name] = bench.model(bench.x, bench.y).loss.item()
     for name in variants:  # untimed warm-up
