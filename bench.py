@@ -32,6 +32,7 @@ from nanopalm.bench import (
     machine_name,
     make_train_bench,
     matmul_flops,
+    median_interval,
     op_profile,
     optimizer_step_seconds,
 )
@@ -291,18 +292,25 @@ def bench_training(args: argparse.Namespace) -> None:
         for i in range(0, len(benches), 2):  # (PaLM, GPT-2) pairs, one per compile and checkpointing setting
             ratios = [row[i + 1] / row[i] for row in seconds]
             print(f"PaLM / GPT-2-style tokens/s, compile {compiled[i]}, checkpointing "
-                  f"{benches[i].activation_checkpointing}: {statistics.median(ratios):.3f}x "
-                  f"(median of {len(ratios)} repeats, range {min(ratios):.3f}x-{max(ratios):.3f}x)")
+                  f"{benches[i].activation_checkpointing}: {describe_ratios(ratios, 3)}")
     for i, b in enumerate(benches):  # each checkpointing mode against none, same model and compile setting
         j = next((j for j, a in enumerate(benches) if a.activation_checkpointing == "none" and a.name == b.name
                   and compiled[j] == compiled[i]), None)
         if j is not None and j != i:
             ratios = [row[i] / row[j] for row in seconds]
             print(f"{b.name}, compile {compiled[i]}, checkpointing {b.activation_checkpointing} against none: peak "
-                  f"memory {b.peak_bytes / benches[j].peak_bytes:.2f}x, step time {statistics.median(ratios):.2f}x "
-                  f"(median of {len(ratios)} repeats, range {min(ratios):.2f}x-{max(ratios):.2f}x)")
+                  f"memory {b.peak_bytes / benches[j].peak_bytes:.2f}x, step time {describe_ratios(ratios, 2)}")
     if args.profile:
         print_profile(benches, compiled, args.profile)
+
+
+def describe_ratios(ratios: list[float], digits: int) -> str:
+    """The median of per-round ratios, the interval that holds the true median with the coverage printed
+    (nanopalm.bench.median_interval: 95% or more from 6 rounds on), and the range."""
+    low, high, coverage = median_interval(ratios)
+    ratio = f".{digits}f"
+    return (f"{statistics.median(ratios):{ratio}}x (median of {len(ratios)} repeats; {100 * coverage:.0f}% interval "
+            f"{low:{ratio}}x-{high:{ratio}}x; range {min(ratios):{ratio}}x-{max(ratios):{ratio}}x)")
 
 
 def bench_memory(args: argparse.Namespace) -> None:

@@ -5,6 +5,7 @@ training step with the chunked output layer against all the logits at once."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import platform
 import statistics
@@ -270,6 +271,25 @@ def interleave(benches: list[TrainBench], repeats: int, steps: int, between: Cal
         if between is not None:
             between()
     return table
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """A distribution-free interval for the median of what `values` sample: (low, high, its coverage).
+
+    Sorted, values[d] and values[n - 1 - d] bracket the true median unless at least n - d of the n draws fall
+    on one side of it, which happens with probability 2 P(Binomial(n, 1/2) <= d) whatever the distribution
+    (the order-statistic interval for a median). The largest d whose coverage is at least `confidence`;
+    with too few values for that, the whole range and the coverage it has. For per-round ratios of a
+    benchmark on a shared machine, whose noise is neither normal nor symmetric.
+    """
+    xs, n = sorted(values), len(values)
+    if n == 0:
+        raise ValueError("median_interval needs at least one value")
+    d, tail = 0, 1 / 2**n  # tail: P(Binomial(n, 1/2) <= d)
+    while d + 1 < n - 1 - d and 1 - 2 * (tail + math.comb(n, d + 1) / 2**n) >= confidence:
+        d += 1
+        tail += math.comb(n, d) / 2**n
+    return xs[d], xs[n - 1 - d], 1 - 2 * tail
 
 
 def op_profile(benches: list[TrainBench], steps: int) -> dict[str, list[float]]:
