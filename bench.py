@@ -32,6 +32,7 @@ from nanopalm.bench import (
     machine_name,
     make_train_bench,
     matmul_flops,
+    matmul_flops_per_token,
     median_interval,
     op_profile,
     optimizer_step_seconds,
@@ -270,7 +271,8 @@ def bench_training(args: argparse.Namespace) -> None:
     for name, cfg in models:
         model = next(b.model for b in benches if b.name == name)
         print(f"- {name}: {describe(cfg)}; {model.num_params():,} parameters, "
-              f"{model.flops_per_token(cfg.block_size) / 1e6:,.1f} MFLOPs/token (6N + 12LHQT)")
+              f"{model.flops_per_token(cfg.block_size) / 1e6:,.2f} MFLOPs/token (6N + 12LHQT), of which "
+              f"{matmul_flops_per_token(model) / 1e6:,.2f} in dense matmuls")
     print("\n| model | compile | checkpointing | warm-up (s) | ms/step | tokens/s | peak memory (MiB) | model GFLOP/s "
           "| MFU |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")

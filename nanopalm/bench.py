@@ -94,6 +94,15 @@ def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeat
     return 2 * n**3 / statistics.median(times)
 
 
+def matmul_flops_per_token(model: PaLM) -> int:
+    """Training FLOPs per token of the dense matmuls alone, 6 per weight (forward, and backward for the input
+    and the weight): every linear layer and the output layer. Unlike Appendix B's 6N it leaves out the
+    parameters no matmul multiplies (learned positions, biases, LayerNorm gains), and attention's 12LHQT."""
+    weights = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    weights[id(model.output_weight())] = model.output_weight().numel()  # the embedding, when tied
+    return 6 * sum(weights.values())
+
+
 def peak_bytes_of(fn: Callable[[], object], device: torch.device) -> int | None:
     """The most bytes of tensor memory fn holds at once, beyond what was allocated before it.
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanopalm.bench import median_interval
+from nanopalm.bench import matmul_flops_per_token, median_interval
 from nanopalm.config import model_config, model_presets, parse_args
 from nanopalm.errors import UserError
 from nanopalm.metrics import mfu
@@ -139,3 +139,16 @@ def test_median_interval_covers_the_true_median_as_often_as_it_says():
         intervals = [median_interval(sample) for sample in samples]
         covered = sum(low <= 1.0 <= high for low, high, _ in intervals) / len(intervals)
         assert covered == pytest.approx(intervals[0][2], abs=0.01)
+
+
+def test_matmul_flops_count_each_multiplied_weight_once():
+    """The default model: 4 blocks of (256 x 2432 fused input, 256 x 256 attention out, 1024 x 256 MLP out) and
+    the tied 8192 x 256 output layer; its GPT-2-style twin: 4 x (272 x 816, 272 x 272, 272 x 1088, 1088 x 272)
+    and 8192 x 272. PaLM multiplies 2% more weights though 6N makes them equal: GPT-2-style's N holds learned
+    positions and biases, which no matmul multiplies."""
+    palm = parse_args(["shakespeare"]).model
+    models = [PaLM(palm), PaLM(equal_size_gpt2(palm))]
+    palm_weights = 4 * (256 * 2432 + 256 * 256 + 1024 * 256) + 8192 * 256
+    gpt2_weights = 4 * (272 * 816 + 272 * 272 + 2 * 272 * 1088) + 8192 * 272
+    assert [matmul_flops_per_token(m) for m in models] == [6 * palm_weights, 6 * gpt2_weights]
+    assert models[0].flops_per_token(256) == pytest.approx(models[1].flops_per_token(256), rel=1e-3)
