@@ -37,7 +37,8 @@ function applied on the way:
   - SwiGLU (Shazeer 2020): hidden = silu(gate) * up, silu(g) = g sigmoid(g), whose gradients are
         d/dup = grad * silu(gate),  d/dgate = grad * up * silu'(gate),  silu'(g) = s (1 + g (1 - s)), s = sigmoid(g)
     so it keeps gate and up (already in h) and silu(gate), which spares the backward an exp pass over the
-    d_ff columns for d_ff more numbers kept per token; or GELU (tanh form) on up alone (GPT-2).
+    d_ff columns for d_ff more numbers kept per token (without a backward to come, in evaluation and
+    generation, the product is written over silu(gate) instead); or GELU (tanh form) on up alone (GPT-2).
 Autograd would give each piece its own gradient and then concatenate them into h's gradient (the backward
 of a split is a cat), after RoPE's own cat and negation. Here the backward writes every piece's gradient
 straight into its columns of h itself, which nothing needs once the pieces' gradients are known: no cat,
@@ -184,9 +185,11 @@ def _swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, s
 
 
 def _pieces(h: torch.Tensor, columns: dict[str, slice], head_dim: int, cos: torch.Tensor | None,
-            sin: torch.Tensor | None, compiling: bool) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+            sin: torch.Tensor | None, compiling: bool,
+            keep_silu: bool) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
     """The pieces of h, each with its function (split_projection's forward), and silu(gate) for the
-    backward when there is a gate."""
+    backward when there is a gate and `keep_silu` (else SwiGLU's product is written over it: one d_ff-wide
+    tensor, not two)."""
     pieces, silu = [], None
     if "q" in columns:
         qk = _heads(h, columns["q"].start, columns["k"].stop, head_dim)  # (B, T, H + K, D): q and k together
@@ -198,7 +201,8 @@ def _pieces(h: torch.Tensor, columns: dict[str, slice], head_dim: int, cos: torc
         pieces += [qk[:, :, :n_q].transpose(1, 2), qk[:, :, n_q:].transpose(1, 2), v.transpose(1, 2)]
     if "gate" in columns:
         silu = F.silu(h[..., columns["gate"]])
-        pieces.append(silu * h[..., columns["up"]])
+        pieces.append(silu * h[..., columns["up"]] if keep_silu else silu.mul_(h[..., columns["up"]]))
+        silu = silu if keep_silu else None
     elif "up" in columns:
         pieces.append(F.gelu(h[..., columns["up"]], approximate="tanh"))
     return tuple(pieces), silu
@@ -209,7 +213,7 @@ class _SplitProjection(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                 splits: tuple[tuple[str, int], ...], head_dim: int) -> tuple[torch.Tensor, ...]:
         ctx.columns, ctx.head_dim = _columns(splits), head_dim
-        pieces, silu = _pieces(h, ctx.columns, head_dim, cos, sin, compiling=False)
+        pieces, silu = _pieces(h, ctx.columns, head_dim, cos, sin, compiling=False, keep_silu=True)
         ctx.save_for_backward(h, cos, sin, silu)
         return pieces
 
@@ -260,6 +264,9 @@ def split_projection(h: torch.Tensor, splits: dict[str, int], head_dim: int,
     if "q" in splits and list(splits)[:3] != ["q", "k", "v"]:
         raise ValueError(f"q, k and v must come first and in that order, not {list(splits)}")
     cos, sin = rope if rope is not None else (None, None)
+    columns, grad = _columns(tuple(splits.items())), torch.is_grad_enabled() and h.requires_grad
     if torch.compiler.is_compiling():  # plain operations: inductor fuses them, forward and backward, by itself
-        return _pieces(h, _columns(tuple(splits.items())), head_dim, cos, sin, compiling=True)[0]
+        return _pieces(h, columns, head_dim, cos, sin, compiling=True, keep_silu=grad)[0]
+    if not grad:  # evaluation, generation: nothing to save for a backward
+        return _pieces(h, columns, head_dim, cos, sin, compiling=False, keep_silu=False)[0]
     return _SplitProjection.apply(h, cos, sin, tuple(splits.items()), head_dim)

@@ -283,6 +283,24 @@ def test_a_second_backward_through_the_pieces_raises_instead_of_reading_a_gradie
         hidden.sum().backward()
 
 
+def test_split_projection_without_grad_holds_one_d_ff_tensor_and_gives_the_same_pieces():
+    """Evaluation and generation save nothing for a backward: SwiGLU writes its product over silu(gate), so
+    the call's peak is its outputs alone, rotated q and k and one d_ff-wide hidden (with grad, silu(gate)
+    is kept for the backward: one d_ff tensor more)."""
+    splits = LAYOUTS["parallel, SwiGLU, multi-query"]
+    x, weight, _ = projection_inputs(splits, T=64)
+    rope = rope_tables(HEAD, 64, 10000.0)
+    h = x @ weight.T
+    outputs = (2 * 64 * 5 * HEAD + 2 * 64 * 24) * 4  # q and k (4 + 1 heads), hidden (d_ff 24); fp32
+    with torch.no_grad():
+        assert peak_bytes_of(lambda: split_projection(h, splits, HEAD, rope), h.device) == outputs
+        pieces = split_projection(h, splits, HEAD, rope)
+    h.requires_grad_()
+    assert peak_bytes_of(lambda: split_projection(h, splits, HEAD, rope), h.device) == outputs + 2 * 64 * 24 * 4
+    for got, expected in zip(pieces, split_projection(h, splits, HEAD, rope), strict=True):
+        assert torch.equal(got, expected)
+
+
 def test_rope_inverse_undoes_the_rotation_and_preserves_the_norm():
     cos, sin = rope_tables(16, 10, 10000.0)
     x = torch.randn(10, 16)
