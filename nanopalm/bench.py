@@ -5,10 +5,12 @@ training step with the chunked output layer against all the logits at once."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -319,6 +321,21 @@ def op_profile(benches: list[TrainBench], steps: int) -> dict[str, list[float]]:
     table = {op: [statistics.median(times.get(op, []) + [0.0] * (steps - len(times.get(op, [])))) for times in per_step]
              for op in ops}
     return dict(sorted(table.items(), key=lambda item: -max(item[1])))
+
+
+def load_module(path: str | Path, name: str):
+    """The Python file at `path` imported as the module `name` (and registered under it, as dataclasses
+    need): a script of the repository, which is not part of the package, or another commit's version of a
+    package file for a before/after timing (`git show COMMIT:nanopalm/fused.py > /tmp/old_fused.py`)."""
+    path = Path(path)
+    if path.suffix != ".py" or not path.is_file():
+        raise UserError(f"{path}: no such Python file; give the path of a .py file (git show COMMIT:FILE > PATH "
+                        "writes an older version of one)")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def machine_name(device: torch.device) -> str:

@@ -2,26 +2,22 @@
 the same model and gradients, interleaved with AdamW's; from the repository root:
 
     git show 46aace1:nanopalm/optim.py > /tmp/old_optim.py
-    python scripts/adafactor_before_after.py palm_20m 1     # PRESET THREADS
+    python scripts/adafactor_before_after.py /tmp/old_optim.py palm_20m 1     # OLD PRESET THREADS
 """
 
-import importlib.util
 import statistics
-import sys
 
 import torch
 
-from nanopalm.bench import optimizer_step_seconds
+from nanopalm.bench import load_module, optimizer_step_seconds
 from nanopalm.config import model_config
+from nanopalm.errors import ArgumentParser, run_cli
 from nanopalm.model import PaLM
 from nanopalm.optim import OptimConfig, build_optimizer
 
 
-def main(preset: str, threads: int) -> None:
-    spec = importlib.util.spec_from_file_location("old_optim", "/tmp/old_optim.py")
-    old = importlib.util.module_from_spec(spec)
-    sys.modules["old_optim"] = old
-    spec.loader.exec_module(old)
+def main(old_path: str, preset: str, threads: int) -> None:
+    old = load_module(old_path, "old_optim")
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = PaLM(model_config(preset))
@@ -41,5 +37,14 @@ def main(preset: str, threads: int) -> None:
     print(f"after / before: median {statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})")
 
 
+def cli(argv: list[str]) -> None:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("old", help="the older optim.py (git show COMMIT:nanopalm/optim.py > PATH)")
+    p.add_argument("preset", help="a model preset of config/, e.g. palm_20m")
+    p.add_argument("threads", type=int, help="CPU threads")
+    args = p.parse_args(argv)
+    main(args.old, args.preset, args.threads)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    raise SystemExit(run_cli(cli))

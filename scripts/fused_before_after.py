@@ -11,27 +11,19 @@ batch (nanopalm.bench.make_train_bench); it prints the median step and the media
 variants must give the same loss on the batch (to fp32 rounding); then each takes one untimed step.
 """
 
-import importlib.util
 import statistics
-import sys
 
 import torch
 
 import nanopalm.model as model_module
 from nanopalm import fused
-from nanopalm.bench import CLOCKS, make_train_bench
+from nanopalm.bench import CLOCKS, load_module, make_train_bench
 from nanopalm.config import model_config
-
-
-def load(path: str):
-    spec = importlib.util.spec_from_file_location("old_fused", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from nanopalm.errors import ArgumentParser, run_cli
 
 
 def main(old_path: str, preset: str, threads: int, rounds: int, clock_name: str = "wall") -> dict[str, list[float]]:
-    old = load(old_path)
+    old = load_module(old_path, "old_fused")
     torch.set_num_threads(threads)
     variants = {  # model.py calls these two names; each variant sets them before its step
         "before": (old.linear_cross_entropy, old.split_projection),
@@ -84,5 +76,16 @@ def _time_variants(variants: dict, bench, clock, rounds: int) -> dict[str, list[
     return times
 
 
+def cli(argv: list[str]) -> None:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("old", help="the older fused.py (git show COMMIT:nanopalm/fused.py > PATH)")
+    p.add_argument("preset", help="a model preset of config/, e.g. shakespeare")
+    p.add_argument("threads", type=int, help="CPU threads")
+    p.add_argument("rounds", type=int, help="rounds of one step per variant")
+    p.add_argument("clock", nargs="?", default="wall", choices=sorted(CLOCKS), help="wall (default) or cpu")
+    args = p.parse_args(argv)
+    main(args.old, args.preset, args.threads, args.rounds, args.clock)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:6])
+    raise SystemExit(run_cli(cli))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from nanopalm.bench import load_module
 from nanopalm.config import DEFAULT_PRESET, build_config, load_preset
 from nanopalm.data import SplitStats, load_meta, read_token_file, write_meta, write_token_file
 from nanopalm.evaluate import document_bytes
@@ -18,6 +19,13 @@ from nanopalm.trainer import train
 # OpenMP threads spinning on two busy cores turn a 5 ms training step into a second.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+
+def load_script(relative_path: str):
+    """A command-line script of the repository ("bench.py", "scripts/baselines.py", "data/shakespeare/prepare.py"),
+    imported by its path (the scripts are not part of the package), so that a test runs its `main` in process."""
+    path = Path(__file__).resolve().parents[1] / relative_path
+    return load_module(path, "script_" + relative_path.removesuffix(".py").replace("/", "_"))
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ Most cases run `main(argv)` of train.py / sample.py / data/text/prepare.py in th
 interpreter, two at a time, to show the same holds end to end (no traceback from anywhere).
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RUN
+from conftest import TINY_RUN, load_script
 from safetensors.torch import save_file
 
 from nanopalm import checkpoint as ckpt
@@ -259,10 +258,7 @@ def subprocess_results(world) -> dict[str, tuple[int, str, str, bool]]:
 def script_main(cli: str):
     if cli == "consolidate":
         return lambda args: sharded.main(["consolidate", *args])
-    spec = importlib.util.spec_from_file_location(f"{cli}_script", REPO / SCRIPTS[cli])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script(SCRIPTS[cli]).main
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow] * c.slow) for c in CASES],

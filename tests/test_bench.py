@@ -1,11 +1,10 @@
 """Benchmark helpers: the equal-size GPT-2 configuration, MFU by Appendix B, the training CLI. No timings."""
 
 import dataclasses
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from nanopalm.bench import matmul_flops_per_token, median_interval
 from nanopalm.config import model_config, model_presets, parse_args
@@ -16,7 +15,6 @@ from nanopalm.variants import equal_size_gpt2, param_count
 
 MODEL_PRESETS = model_presets()
 
-REPO = Path(__file__).resolve().parents[1]
 GPT2_SWITCHES = dict(parallel_block=False, mlp="gelu", pos_emb="learned", logit_scale=False, z_loss=0.0, bias=True,
                      init="gpt2")
 
@@ -70,10 +68,7 @@ def test_bench_reads_presets_and_model_overrides_with_the_one_flag_parser():
 
 
 def load_bench_script():
-    spec = importlib.util.spec_from_file_location("bench_script", REPO / "bench.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+    return load_script("bench.py")
 
 
 @pytest.mark.parametrize("clock", ["wall", "cpu"])

@@ -1,15 +1,13 @@
 """Whole-split evaluation (nanopalm/evaluate.py, eval.py): every token scored exactly once, the same numbers as
 the model's log-probabilities, bytes counted exactly, and val_bpb_full at the end of training."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import EVAL_RUN
+from conftest import EVAL_RUN, load_script
 
 from nanopalm import checkpoint as ckpt
 from nanopalm.config import build_config
@@ -21,15 +19,11 @@ from nanopalm.model import PaLM, PaLMConfig
 from nanopalm.tokenizer import load_tokenizer
 from nanopalm.trainer import train
 
-REPO = Path(__file__).resolve().parents[1]
 CPU, FP32 = torch.device("cpu"), Precision(torch.float32)
 
 
 def eval_main():
-    spec = importlib.util.spec_from_file_location("eval_script", REPO / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("eval.py").main
 
 
 def tiny_model(block_size: int = 16) -> PaLM:

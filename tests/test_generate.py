@@ -1,12 +1,12 @@
 """Generation: the KV cache changes nothing but speed; stopping, seeding, long prompts, sample.py."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from nanopalm.errors import UserError
 from nanopalm.model import PaLM, PaLMConfig
@@ -17,10 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def load_sample_script():
     """sample.py is a script at the repository root, not part of the package: import it by path."""
-    spec = importlib.util.spec_from_file_location("sample", REPO / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("sample.py")
 
 
 @pytest.fixture(autouse=True, scope="module")

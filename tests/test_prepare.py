@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
+from conftest import load_script
 
 import nanopalm.prepare as prepare_module  # noqa: E402
 from nanopalm.data import load_meta, read_token_file, resolve_dataset  # noqa: E402
@@ -25,10 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def script_main(name: str):
     """`main` of data/<name>/prepare.py, to run the real command line in this process."""
-    spec = importlib.util.spec_from_file_location(f"prepare_{name}", REPO / "data" / name / "prepare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script(f"data/{name}/prepare.py").main
 
 
 def documents(data_dir: Path, split: str) -> list[str]:

@@ -1,24 +1,22 @@
 """scripts/: the helpers that regenerate figures of the docs."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from nanopalm import fused, model
 from nanopalm.data import SplitStats, write_meta, write_token_file
+from nanopalm.errors import run_cli
 from nanopalm.tokenizer import CharTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"scripts/{name}.py")
 
 
 def test_baselines_are_uniform_and_add_one_unigram(tmp_path):
@@ -43,3 +41,20 @@ def test_fused_before_after_times_every_variant_in_every_round(capsys):
                                                                    fused.split_projection)  # restored
     assert all(len(t) == 2 and min(t) > 0 for t in times.values())
     assert "before / this, per round" in capsys.readouterr().out
+
+
+def test_adafactor_before_after_times_both_steps_and_adamw(capsys):
+    """This tree's optim.py as the "before": the two Adafactor steps are the same code, timed in turns."""
+    script("adafactor_before_after").main(str(REPO / "nanopalm" / "optim.py"), "tiny", 1)
+    out = capsys.readouterr().out
+    medians = [float(line.split("median ")[1].split(" ")[0]) for line in out.splitlines() if ": median " in line]
+    assert len(medians) == 4 and min(medians) > 0  # three optimizers' ms, then after / before
+    assert "after / before: median" in out
+
+
+@pytest.mark.parametrize("name", ["fused_before_after", "adafactor_before_after"])
+def test_before_after_scripts_refuse_a_missing_file_in_one_line(name, capsys, tmp_path):
+    args = [str(tmp_path / "old.py"), "tiny", "1"] + (["2"] if name == "fused_before_after" else [])
+    assert run_cli(script(name).cli, args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "old.py: no such Python file; give the path of a .py file" in err
