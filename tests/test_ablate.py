@@ -1,6 +1,7 @@
 """The ablation runner end to end on a tiny model and budget: sizes, resuming, skipping, the table."""
 
 import json
+import subprocess
 
 import pytest
 from conftest import TINY_RUN
@@ -56,6 +57,8 @@ def test_the_ablation_runs_resumes_a_killed_run_skips_finished_ones_and_writes_t
     table = [line for line in doc.read_text().splitlines() if line.startswith("| palm") or line.startswith("| gpt2")]
     assert [line.split(" | ")[0] for line in table[:3]] == ["| palm", "| gpt2", "| palm-rope"]
     assert "+- " in table[0] and "python -m nanopalm.ablate --preset" in doc.read_text()
+    commit = ablate.source_commit()  # this checkout's commit (None outside git: then "not recorded")
+    assert f"Code: {commit or 'not recorded'} (6 runs)." in doc.read_text()
     assert (doc.parent / "ablations" / "curves.png").stat().st_size > 1000
     results = json.loads((doc.parent / "ablations" / "results.json").read_text())
     assert sorted(results) == ["gpt2", "palm", "palm-rope"] and all(len(r["runs"]) == 2 for r in results.values())
@@ -93,3 +96,11 @@ def test_the_equal_tokens_quality_is_read_at_the_furthest_point_every_run_reache
     assert s["bpb_at"] == pytest.approx(2.6) and s["sd_at"] == pytest.approx(0.1414, abs=1e-4)
     assert s["bpb"] == pytest.approx(2.45) and s["speed_sd"] == pytest.approx(14.142 / 110, rel=1e-3)
     assert s["time_to_target"] == pytest.approx(25.0)  # the seeds reach 2.6 at 20 s (2.5) and 30 s (2.6)
+
+
+def test_the_report_names_the_code_of_every_run():
+    plan = [(None, {}, [{"commit": "abc"}, {"commit": "abc"}]), (None, {}, [{"commit": "def-dirty"}, {}])]
+    assert ablate.code_line(plan) == "Code: abc (2 runs), def-dirty (1 run), not recorded (1 run)."
+    described = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
+                               text=True).stdout.strip()
+    assert ablate.source_commit() == (described or None)
