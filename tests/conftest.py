@@ -21,11 +21,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def load_script(relative_path: str):
     """A command-line script of the repository ("bench.py", "scripts/baselines.py", "data/shakespeare/prepare.py"),
     imported by its path (the scripts are not part of the package), so that a test runs its `main` in process."""
-    path = Path(__file__).resolve().parents[1] / relative_path
-    return load_module(path, "script_" + relative_path.removesuffix(".py").replace("/", "_"))
+    return load_module(REPO / relative_path, "script_" + relative_path.removesuffix(".py").replace("/", "_"))
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO
 from lm_eval.api.instance import Instance
-from test_eval import REPO, eval_main
+from test_eval import eval_main
 from test_generate import load_sample_script
 
 from nanopalm.errors import UserError
