@@ -132,7 +132,8 @@ EXPECTED = {"parallel": ("worse", "better"), "multi_query": ("neutral", "neutral
 
 def source_commit() -> str | None:
     """The code that runs, as `git describe --always --dirty` names it (a commit, "-dirty" when tracked files
-    have changed since), or None outside a git checkout: each run records it, the report lists them."""
+    have changed since), or None outside a git checkout. Read once when the study starts, the code it loaded:
+    each run records it, the report lists them."""
     try:
         found = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
                                text=True, cwd=Path(__file__).parent, timeout=30)
@@ -147,8 +148,9 @@ def code_line(plan: list[tuple[Variant, dict, list[dict]]]) -> str:
     return "Code: " + ", ".join(f"{name} ({n} run{'s' if n > 1 else ''})" for name, n in counts.most_common()) + "."
 
 
-def run_one(values: dict) -> dict:
-    """Train one run (or finish a killed one) and summarise it; a finished run is read back, not retrained."""
+def run_one(values: dict, commit: str | None) -> dict:
+    """Train one run (or finish a killed one) and summarise it, with the commit of the code that trained it; a
+    finished run is read back, not retrained."""
     from nanopalm.trainer import train  # the trainer imports torch's distributed and compile machinery
 
     out = Path(values["out_dir"])
@@ -168,7 +170,7 @@ def run_one(values: dict) -> dict:
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows if "tokens_per_s" in r),
         "curve": [(r["tokens"], r["seconds"], r["val_bpb"]) for r in evals],
         "wall_s": time.perf_counter() - started,
-        "commit": source_commit(),
+        "commit": commit,
     }
     write_atomic(done, json.dumps(result).encode())
     return result
@@ -353,12 +355,12 @@ def main(argv: list[str]) -> None:
         print(f"{v.name:22s} {param_count(model):>12,} parameters, d_model {model.d_model}", flush=True)
     if args.dry_run:
         return
-    done = []
+    done, commit = [], source_commit()
     for v, runs in plan:
         results = []
         for values in runs:
             print(f"=== {v.name}, seed {values['seed']}", flush=True)
-            results.append(run_one(values))
+            results.append(run_one(values, commit))
         done.append((v, runs[0], results))
     write_results(done, args, argv)
 

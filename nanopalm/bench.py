@@ -288,10 +288,11 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
     """A distribution-free interval for the median of what `values` sample: (low, high, its coverage).
 
     Sorted, values[d] and values[n - 1 - d] bracket the true median unless at least n - d of the n draws fall
-    on one side of it, which happens with probability 2 P(Binomial(n, 1/2) <= d) whatever the distribution
-    (the order-statistic interval for a median). The largest d whose coverage is at least `confidence`;
-    with too few values for that, the whole range and the coverage it has. For per-round ratios of a
-    benchmark on a shared machine, whose noise is neither normal nor symmetric.
+    on one side of it, which for independent draws happens with probability 2 P(Binomial(n, 1/2) <= d)
+    whatever their distribution (the order-statistic interval for a median). The largest d whose coverage is
+    at least `confidence`; with too few values for that, the whole range and the coverage it has. For
+    per-round ratios of a benchmark on a shared machine, whose noise is neither normal nor symmetric (a slow
+    drift of the load makes rounds less independent; pairing the models within each round offsets most of it).
     """
     xs, n = sorted(values), len(values)
     if n == 0:
@@ -334,7 +335,11 @@ def load_module(path: str | Path, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]  # no half-built module left for a later import to find
+        raise
     return module
 
 

@@ -264,9 +264,9 @@ def split_projection(h: torch.Tensor, splits: dict[str, int], head_dim: int,
     if "q" in splits and list(splits)[:3] != ["q", "k", "v"]:
         raise ValueError(f"q, k and v must come first and in that order, not {list(splits)}")
     cos, sin = rope if rope is not None else (None, None)
-    columns, grad = _columns(tuple(splits.items())), torch.is_grad_enabled() and h.requires_grad
-    if torch.compiler.is_compiling():  # plain operations: inductor fuses them, forward and backward, by itself
-        return _pieces(h, columns, head_dim, cos, sin, compiling=True, keep_silu=grad)[0]
-    if not grad:  # evaluation, generation: nothing to save for a backward
+    columns = _columns(tuple(splits.items()))
+    if torch.compiler.is_compiling():  # plain operations: inductor fuses them (silu and the product into one
+        return _pieces(h, columns, head_dim, cos, sin, compiling=True, keep_silu=True)[0]  # kernel) by itself
+    if not (torch.is_grad_enabled() and h.requires_grad):  # evaluation, generation: no backward to come
         return _pieces(h, columns, head_dim, cos, sin, compiling=False, keep_silu=False)[0]
     return _SplitProjection.apply(h, cos, sin, tuple(splits.items()), head_dim)

@@ -11,7 +11,7 @@ import torch
 
 from nanopalm.bench import load_module, optimizer_step_seconds
 from nanopalm.config import model_config
-from nanopalm.errors import ArgumentParser, run_cli
+from nanopalm.errors import ArgumentParser, UserError, run_cli
 from nanopalm.model import PaLM
 from nanopalm.optim import OptimConfig, build_optimizer
 
@@ -43,6 +43,8 @@ def cli(argv: list[str]) -> None:
     p.add_argument("preset", help="a model preset of config/, e.g. palm_20m")
     p.add_argument("threads", type=int, help="CPU threads")
     args = p.parse_args(argv)
+    if args.threads < 1:
+        raise UserError(f"threads={args.threads}: give at least 1")
     main(args.old, args.preset, args.threads)
 
 

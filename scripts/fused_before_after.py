@@ -19,7 +19,7 @@ import nanopalm.model as model_module
 from nanopalm import fused
 from nanopalm.bench import CLOCKS, load_module, make_train_bench
 from nanopalm.config import model_config
-from nanopalm.errors import ArgumentParser, run_cli
+from nanopalm.errors import ArgumentParser, UserError, run_cli
 
 
 def main(old_path: str, preset: str, threads: int, rounds: int, clock_name: str = "wall") -> dict[str, list[float]]:
@@ -84,6 +84,8 @@ def cli(argv: list[str]) -> None:
     p.add_argument("rounds", type=int, help="rounds of one step per variant")
     p.add_argument("clock", nargs="?", default="wall", choices=sorted(CLOCKS), help="wall (default) or cpu")
     args = p.parse_args(argv)
+    if args.threads < 1 or args.rounds < 1:
+        raise UserError(f"threads={args.threads}, rounds={args.rounds}: both must be at least 1")
     main(args.old, args.preset, args.threads, args.rounds, args.clock)
 
 

@@ -4,7 +4,7 @@ import json
 import subprocess
 
 import pytest
-from conftest import TINY_RUN
+from conftest import REPO, TINY_RUN
 
 from nanopalm import ablate
 from nanopalm.config import build_config
@@ -98,9 +98,10 @@ def test_the_equal_tokens_quality_is_read_at_the_furthest_point_every_run_reache
     assert s["time_to_target"] == pytest.approx(25.0)  # the seeds reach 2.6 at 20 s (2.5) and 30 s (2.6)
 
 
-def test_the_report_names_the_code_of_every_run():
+def test_the_report_names_the_code_of_every_run(monkeypatch, tmp_path):
     plan = [(None, {}, [{"commit": "abc"}, {"commit": "abc"}]), (None, {}, [{"commit": "def-dirty"}, {}])]
     assert ablate.code_line(plan) == "Code: abc (2 runs), def-dirty (1 run), not recorded (1 run)."
     described = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
-                               text=True).stdout.strip()
+                               text=True, cwd=REPO).stdout.strip()
+    monkeypatch.chdir(tmp_path)  # the checkout the package lives in, wherever the study is started from
     assert ablate.source_commit() == (described or None)

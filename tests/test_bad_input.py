@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RUN, load_script
+from conftest import REPO, TINY_RUN, load_script
 from safetensors.torch import save_file
 
 from nanopalm import checkpoint as ckpt
@@ -29,7 +29,6 @@ from nanopalm.model import PaLM, PaLMConfig
 from nanopalm.tokenizer import CharTokenizer
 from nanopalm.trainer import Trainer
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {"train": "train.py", "sample": "sample.py", "prepare": "data/text/prepare.py", "plot": "nanopalm/plot.py",
            "eval": "eval.py", "consolidate": "-m nanopalm.checkpoint consolidate"}
 READ_ONLY = "/sys/nanopalm_bad_input"  # sysfs refuses new directories, even to root

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 
 from nanopalm import checkpoint as ckpt
 from nanopalm.atomic import sha256
 from nanopalm.errors import UserError, run_cli
 from nanopalm.trainer import Trainer
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture

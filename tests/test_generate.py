@@ -6,13 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script
+from conftest import REPO, load_script
 
 from nanopalm.errors import UserError
 from nanopalm.model import PaLM, PaLMConfig
 from nanopalm.sampling import generate
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def load_sample_script():

@@ -7,10 +7,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 
 from nanopalm.bench import estimate_and_measure
 from nanopalm.memory import Setup, estimate, largest_batch
@@ -18,7 +18,6 @@ from nanopalm.model import PaLMConfig
 from nanopalm.trainer import Trainer
 
 TOLERANCE = 0.05  # |estimate / measured - 1|; measured at most 0.014 here, 0.020 under torchrun (BENCHMARKS.md)
-REPO = Path(__file__).resolve().parents[1]
 PALM = PaLMConfig(vocab_size=512, block_size=64, n_layer=4, n_head=4, head_dim=32, d_model=128)
 GPT2 = PaLMConfig(vocab_size=512, block_size=64, n_layer=4, n_head=4, head_dim=32, d_model=128, n_kv_head=4,
                   parallel_block=False, mlp="gelu", pos_emb="learned", bias=True, tie_embeddings=False, init="gpt2")

@@ -12,15 +12,13 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
-from conftest import load_script
+from conftest import REPO, load_script
 
 import nanopalm.prepare as prepare_module  # noqa: E402
 from nanopalm.data import load_meta, read_token_file, resolve_dataset  # noqa: E402
 from nanopalm.errors import run_cli  # noqa: E402
 from nanopalm.shakespeare import load_passages, prepare, scenes, split_passages  # noqa: E402
 from nanopalm.tokenizer import load_tokenizer  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def script_main(name: str):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN
+from conftest import REPO, TINY_RUN
 from safetensors.torch import load_file
 
 from nanopalm import checkpoint as ckpt
@@ -22,7 +22,6 @@ from nanopalm.metrics import MetricsLogger
 from nanopalm.signals import GracefulStop
 from nanopalm.trainer import Trainer, train
 
-REPO = Path(__file__).resolve().parents[1]
 RUN = {**TINY_RUN, "max_iters": 30, "eval_interval": 5, "eval_iters": 2, "dropout": 0.1, "log_interval": 1}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the one thread of this process (conftest): the same float sums
 

@@ -2,17 +2,14 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
-from conftest import load_script
+from conftest import REPO, load_script
 
 from nanopalm import fused, model
 from nanopalm.data import SplitStats, write_meta, write_token_file
 from nanopalm.errors import run_cli
 from nanopalm.tokenizer import CharTokenizer
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def script(name: str):
@@ -53,8 +50,12 @@ def test_adafactor_before_after_times_both_steps_and_adamw(capsys):
 
 
 @pytest.mark.parametrize("name", ["fused_before_after", "adafactor_before_after"])
-def test_before_after_scripts_refuse_a_missing_file_in_one_line(name, capsys, tmp_path):
-    args = [str(tmp_path / "old.py"), "tiny", "1"] + (["2"] if name == "fused_before_after" else [])
+@pytest.mark.parametrize("mistake", ["missing file", "zero threads"])
+def test_before_after_scripts_refuse_bad_arguments_in_one_line(name, mistake, capsys, tmp_path):
+    old = REPO / "nanopalm" / ("fused.py" if name == "fused_before_after" else "optim.py")
+    old, threads = (tmp_path / "old.py", "1") if mistake == "missing file" else (old, "0")
+    args = [str(old), "tiny", threads] + (["2"] if name == "fused_before_after" else [])
     assert run_cli(script(name).cli, args) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "old.py: no such Python file; give the path of a .py file" in err
+    want = "old.py: no such Python file; give the path of a .py file" if mistake == "missing file" else "threads=0"
+    assert err.count("\n") == 1 and want in err

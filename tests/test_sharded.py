@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from test_checkpoint import RunsAShellCommand
 from test_distributed import losses, torchrun
 
@@ -23,8 +24,6 @@ from nanopalm.atomic import sha256
 from nanopalm.config import build_config
 from nanopalm.errors import run_cli
 from nanopalm.trainer import Trainer, train
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,16 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN
+from conftest import REPO, TINY_RUN
 from safetensors.torch import load_file
 
 from nanopalm import checkpoint as ckpt
 from nanopalm import distributed as D
 from nanopalm import fused
 from nanopalm.trainer import Trainer, train
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def metrics(run_dir) -> list[dict]:
