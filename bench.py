@@ -26,6 +26,7 @@ import torch
 
 from nanopalm.bench import (
     CLOCKS,
+    describe_ratios,
     estimate_and_measure,
     generation_speed,
     interleave,
@@ -33,7 +34,6 @@ from nanopalm.bench import (
     make_train_bench,
     matmul_flops,
     matmul_flops_per_token,
-    median_interval,
     op_profile,
     optimizer_step_seconds,
 )
@@ -304,15 +304,6 @@ def bench_training(args: argparse.Namespace) -> None:
                   f"memory {b.peak_bytes / benches[j].peak_bytes:.2f}x, step time {describe_ratios(ratios, 2)}")
     if args.profile:
         print_profile(benches, compiled, args.profile)
-
-
-def describe_ratios(ratios: list[float], digits: int) -> str:
-    """The median of per-round ratios, the interval that holds the true median with the coverage printed
-    (nanopalm.bench.median_interval: 95% or more from 6 rounds on), and the range."""
-    low, high, coverage = median_interval(ratios)
-    ratio = f".{digits}f"
-    return (f"{statistics.median(ratios):{ratio}}x (median of {len(ratios)} repeats; {100 * coverage:.0f}% interval "
-            f"{low:{ratio}}x-{high:{ratio}}x; range {min(ratios):{ratio}}x-{max(ratios):{ratio}}x)")
 
 
 def bench_memory(args: argparse.Namespace) -> None:

@@ -304,6 +304,15 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
     return xs[d], xs[n - 1 - d], 1 - 2 * tail
 
 
+def describe_ratios(ratios: list[float], digits: int) -> str:
+    """The median of per-round ratios, the interval that holds the true median with the coverage printed
+    (median_interval: 95% or more from 6 rounds on), and the range."""
+    low, high, coverage = median_interval(ratios)
+    ratio = f".{digits}f"
+    return (f"{statistics.median(ratios):{ratio}}x (median of {len(ratios)} repeats; {100 * coverage:.0f}% interval "
+            f"{low:{ratio}}x-{high:{ratio}}x; range {min(ratios):{ratio}}x-{max(ratios):{ratio}}x)")
+
+
 def op_profile(benches: list[TrainBench], steps: int) -> dict[str, list[float]]:
     """torch.profiler over `steps` steps of each bench, in turns: {operator: [median self time in ms per
     step, one per bench]}, most expensive first: where a step's time goes (on CUDA, the kernels' time)."""

@@ -7,8 +7,9 @@ tree's file for both. From the repository root:
 
 Each round times one step of each variant, in an order reversed every round, on the same model, optimizer and
 batch (nanopalm.bench.make_train_bench); it prints the median step and the median of the per-round ratios
-(old / variant), which a change in the machine's load between rounds cancels out of. Before any step all
-variants must give the same loss on the batch (to fp32 rounding); then each takes one untimed step.
+(old / variant), which a change in the machine's load between rounds cancels out of, with its interval.
+Before any step all variants must give the same loss on the batch (to fp32 rounding); then each takes one
+untimed step.
 """
 
 import statistics
@@ -17,7 +18,7 @@ import torch
 
 import nanopalm.model as model_module
 from nanopalm import fused
-from nanopalm.bench import CLOCKS, load_module, make_train_bench
+from nanopalm.bench import CLOCKS, describe_ratios, load_module, make_train_bench
 from nanopalm.config import model_config
 from nanopalm.errors import ArgumentParser, UserError, run_cli
 
@@ -41,8 +42,8 @@ def main(old_path: str, preset: str, threads: int, rounds: int, clock_name: str 
     print(f"{preset}, {threads} thread(s), fp32 CPU, {rounds} rounds, {clock_name} clock; ms per training step")
     for name in names:
         ratios = [a / b for a, b in zip(times["before"], times[name], strict=True)]
-        print(f"{name}: median {statistics.median(times[name]):.1f} ms; before / this, per round: median "
-              f"{statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})")
+        print(f"{name}: median {statistics.median(times[name]):.1f} ms; before / this, per round: "
+              f"{describe_ratios(ratios, 3)}")
     return times
 
 
