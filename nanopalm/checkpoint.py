@@ -334,10 +334,7 @@ class Checkpointer:
         """The one decision of where a run starts: its own newest good checkpoint (--resume, or torchrun
         restarting this job after a failure), another run's best weights (--init_from), or scratch."""
         has_checkpoints = bool(_checkpoint_dirs(self.run_dir))
-        if resume:
-            if not has_checkpoints:  # a job killed before its first checkpoint, started again
-                print(f"--resume: no checkpoint in {self.run_dir} yet, starting the run from step 0", flush=True)
-                return None
+        if resume and has_checkpoints:
             return StartPoint(self.latest_good(), resume=True)
         if has_checkpoints:
             # torchrun restarted this job after a failure (--max_restarts): continue from the checkpoint this
@@ -348,6 +345,9 @@ class Checkpointer:
                 if newest.meta.get("job_id") == D.job_id():
                     return StartPoint(newest, resume=True)
             raise UserError(f"{self.run_dir} already holds a run: add --resume to continue it, or pick a new --out_dir")
+        if resume and self.dist.is_main:  # a job killed before its first checkpoint, started again
+            print(f"--resume: no checkpoint in {self.run_dir} yet, starting the run from "
+                  f"{'the weights of ' + init_from if init_from else 'step 0'}", flush=True)
         if init_from:
             return StartPoint(find_checkpoint(init_from, prefer_best=True, verify=self.verify), resume=False)
         return None

@@ -39,7 +39,8 @@ class TrainConfig:
     out_dir: str = field(default="out", metadata={"help": "run directory: checkpoints, metrics, plots"})
     dataset: str = field(default="shakespeare", metadata={"help": "name under data/ or a directory of .bin files"})
     init_from: str = field(default="", metadata={"help": "finetune from this run dir or checkpoint ('' = scratch)"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in out_dir from its newest checkpoint"})
+    resume: bool = field(
+        default=False, metadata={"help": "continue the run in out_dir from its newest checkpoint, as recorded"})
     max_iters: int = field(default=5000, metadata={"help": "optimizer steps to train for"})
     max_minutes: float = field(
         default=0.0, metadata={"help": "stop (and save) after this many minutes of training (resumes too); 0 = off"})
@@ -91,8 +92,6 @@ class TrainConfig:
             raise ValueError("max_minutes, spike_factor, spike_skip, sample_tokens and full_val_tokens must be >= 0")
         if self.spike_factor and self.spike_factor <= 1:
             raise ValueError(f"spike_factor={self.spike_factor} must be > 1 (or 0 to turn spike detection off)")
-        if self.resume and self.init_from:
-            raise ValueError("--resume continues a run and --init_from starts a new one from weights: pick one")
 
 
 @dataclass(frozen=True)
@@ -136,7 +135,11 @@ def _parse_as(option: object, raw: object) -> object:
     if option is float:
         return float(text)
     if option is str:
-        return text if isinstance(raw, str) else str(raw)
+        return raw if isinstance(raw, str) else str(raw)  # as given: a prompt may be "\n"
+    if option is type(None):
+        if raw is None or text.lower() in ("none", "null"):
+            return None
+        raise ValueError
     if isinstance(option, str) and text.lower() == option.lower():
         return option
     raise ValueError
@@ -155,7 +158,8 @@ def parse_value(key: str, raw: object) -> object:
             continue
     if all(isinstance(o, str) for o in options):
         raise UserError(f"{key}={raw!r} is not one of {', '.join(options)}")
-    names = " or ".join(o if isinstance(o, str) else "True or False" if o is bool else o.__name__ for o in options)
+    names = " or ".join(o if isinstance(o, str) else "True or False" if o is bool else o.__name__ for o in options
+                        if o is not type(None))
     raise UserError(f"{key} expects {names}, got {raw!r}")
 
 
@@ -180,9 +184,13 @@ def presets() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
+def is_model_shape(preset: str) -> bool:
+    """A preset that is a model shape only (palm_350m, ...): every key a model key."""
+    return all(FIELDS.get(k, ("",))[0] == "model" for k in load_preset(preset))
+
+
 def model_presets() -> list[str]:
-    """The presets that are a model shape only (palm_350m, ...): every key a model key."""
-    return [name for name in presets() if all(FIELDS.get(k, ("",))[0] == "model" for k in load_preset(name))]
+    return [name for name in presets() if is_model_shape(name)]
 
 
 def load_preset(name_or_path: str) -> dict:
@@ -225,24 +233,153 @@ def model_config(preset: str, overrides: dict | None = None) -> PaLMConfig:
     return build_config({**values, **(overrides or {})}).model
 
 
-def parse_args(argv: list[str]) -> RunConfig:
-    """`[PRESET] [--key=value ...]` -> RunConfig. PRESET defaults to the CPU-sized shakespeare run."""
+@dataclass(frozen=True)
+class CommandLine:
+    """`train.py [PRESET] [--key=value ...]` as given: the preset (named, or the default) and the flags.
+
+    A model-shape preset (tiny, palm_20m, ...) is a shape, not a run: it trains on the default run's data with its
+    recipe, into out-<shape>, and with the vocabulary of that data (the shape's vocab_size is the paper's or a test's,
+    not the data's), so `python train.py tiny` runs as it is."""
+
+    preset: str
+    preset_named: bool
+    flags: dict[str, str]
+
+    @property
+    def is_shape(self) -> bool:
+        return self.preset_named and is_model_shape(self.preset)
+
+    def preset_values(self) -> dict:
+        """What the preset sets: a run preset's keys; a shape's model keys but vocab_size, and its out_dir."""
+        values = load_preset(self.preset)
+        if self.is_shape:
+            values = {k: v for k, v in values.items() if k != "vocab_size"}
+            values["out_dir"] = f"out-{Path(self.preset).stem}"
+        return values
+
+    def values(self) -> dict:
+        """Flat raw values of a new run: the default run under a shape, the preset, then the flags."""
+        base = load_preset(DEFAULT_PRESET) if self.is_shape else {}
+        return {**base, **self.preset_values(), **self.flags}
+
+    def given(self) -> dict[str, tuple[object, str]]:
+        """{key: (raw value, where it came from)} for what the user asked for: a named preset's keys and the flags."""
+        named = {k: (v, f"preset {self.preset}") for k, v in self.preset_values().items()} if self.preset_named else {}
+        return {**named, **{k: (v, f"--{k}") for k, v in self.flags.items()}}
+
+    def notes(self, cfg: RunConfig) -> list[str]:
+        """Lines to log about values the run derived rather than was given."""
+        notes = []
+        if self.is_shape:
+            notes.append(f"model shape {self.preset} on the default run ({DEFAULT_PRESET}): its data, recipe and "
+                         f"vocab_size={cfg.model.vocab_size}, into out_dir={cfg.train.out_dir}")
+        if self.values().get("min_lr") is None and cfg.optim.lr_schedule == "cosine":
+            notes.append(f"min_lr not given: learning_rate / 10 = {cfg.optim.min_lr:g}")
+        return notes
+
+
+def read_command_line(argv: list[str]) -> CommandLine:
     positional = [a for a in argv if not a.startswith("--")]
     if len(positional) > 1:
         raise UserError(f"one preset at a time, got {', '.join(positional)}: give the rest as --key=value")
-    overrides = parse_overrides([a for a in argv if a.startswith("--")])
-    preset = overrides.pop("config", positional[0] if positional else DEFAULT_PRESET)
-    return build_config({**load_preset(preset), **overrides})
+    flags = parse_overrides([a for a in argv if a.startswith("--")])
+    preset = flags.pop("config", positional[0] if positional else None)
+    if "resume" in flags and "init_from" in flags and parse_value("resume", flags["resume"]):
+        raise UserError("--resume continues a run and --init_from starts a new one from weights: pick one")
+    return CommandLine(preset or DEFAULT_PRESET, preset is not None, flags)
 
 
-def help_text() -> str:
+def parse_args(argv: list[str]) -> RunConfig:
+    """`[PRESET] [--key=value ...]` -> the RunConfig of a new run. PRESET defaults to the CPU-sized shakespeare run."""
+    return build_config(read_command_line(argv).values())
+
+
+# What `--resume` may change: when the run stops, how often it evaluates, logs and keeps checkpoints, what it does
+# at the end, and where it runs. Nothing that changes what a step computes, so a resumed run stays bitwise the run
+# never stopped.
+RESUME_MAY_CHANGE = frozenset({
+    "max_iters", "max_minutes", "eval_interval", "log_interval", "keep_last", "full_val_tokens", "sample_tokens",
+    "sample_prompt", "tensorboard", "wandb_project", "profile", "device", "compile", "fsdp",
+    "activation_checkpointing", "checkpoint_format"})
+RUN_CONFIG_FILE = "config.json"  # the run's configuration, written into out_dir when it starts
+
+
+def read_run_config(run_dir: Path) -> dict | None:
+    """The flat values a run recorded in RUN/config.json; None where the run has not started yet."""
+    path = Path(run_dir) / RUN_CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the run's configuration {path} ({e}): restore it, or start a new run from "
+                        f"its weights with --init_from={run_dir}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path} is not a JSON object: restore it, or start a new run with --init_from={run_dir}")
+    return {k: v for k, v in values.items() if k in FIELDS}  # keys of older versions are ignored
+
+
+def resumed_config(run_dir: Path, recorded: dict, given: dict[str, tuple[object, str]]) -> tuple[RunConfig, str]:
+    """The run as RUN/config.json recorded it, with the changes RESUME_MAY_CHANGE allows; anything else given that
+    differs from the record is a UserError naming the key and both values. Returns the config and a line to log."""
+    values, changes = dict(recorded), []
+    for key, (raw, source) in given.items():
+        if key in ("out_dir", "resume"):
+            continue
+        value = parse_value(key, raw)
+        was = parse_value(key, recorded[key]) if key in recorded else FIELDS[key][1].default
+        if value == was:
+            continue
+        if key not in RESUME_MAY_CHANGE:
+            setting = f"--{key}={value!r}" if source.startswith("--") else f"{source} sets {key}={value!r}"
+            raise UserError(f"{setting}: the run in {run_dir} was trained with {key}={was!r}; --resume continues a "
+                            f"run as recorded in its {RUN_CONFIG_FILE}: drop {source}, or start a new run from its "
+                            f"weights with --init_from={run_dir} --out_dir=NEW_DIR")
+        values[key] = raw
+        changes.append(f"{key} {was!r} -> {value!r}")
+    cfg = build_config({**values, "out_dir": str(run_dir), "resume": True})
+    return cfg, f"resuming {run_dir} as recorded in its {RUN_CONFIG_FILE}" + \
+        (f", with {'; '.join(changes)}" if changes else "")
+
+
+def run_config(argv: list[str]) -> tuple[RunConfig, list[str]]:
+    """What `python train.py ARGV` trains, and the lines to log about how it was decided: a new run from the preset
+    and flags, or, with --resume, the run in out_dir as it recorded itself (resumed_config)."""
+    line = read_command_line(argv)
+    values = line.values()
+    resume = parse_value("resume", values.get("resume", False))
+    out_dir = Path(str(values.get("out_dir", FIELDS["out_dir"][1].default)))
+    recorded = read_run_config(out_dir) if resume else None
+    if recorded is not None:
+        cfg, note = resumed_config(out_dir, recorded, line.given())
+        return cfg, [note]
+    cfg = build_config(values)
+    return cfg, line.notes(cfg)
+
+
+def _shown(value: object) -> str:
+    """A value as --key=VALUE would take it; quoted where it holds spaces or control characters."""
+    if isinstance(value, str) and (not value or not value.isprintable() or " " in value):
+        return repr(value)
+    return str(value)
+
+
+def help_text(argv: list[str] = ()) -> str:
+    """`train.py --help`: every key with the value `python train.py [PRESET]` would use (the default preset's
+    when no preset is named), so the listing is the run you would get."""
+    line = read_command_line([a for a in argv if a not in ("-h", "--help")])
+    values = build_config(line.values()).to_dict()
     lines = ["usage: python train.py [PRESET | path/to/preset.json] [--key=value ...]", "",
              f"presets (config/): {', '.join(presets())}",
-             "on/off keys take True or False (also true/false, 1/0, any case); a bare --key means True", ""]
+             f"the values below are those of `python train.py {line.preset}`" if line.preset_named else
+             f"the values below are those of `python train.py` (the default preset: {DEFAULT_PRESET})",
+             "on/off keys take True or False (also true/false, 1/0, any case); a bare --key means True",
+             "--resume continues the run in out_dir as its config.json recorded it; of the flags it may change only "
+             + ", ".join(sorted(RESUME_MAY_CHANGE)), ""]
     for section, cls in SECTIONS.items():
         lines.append(f"{section}:")
         for f in dataclasses.fields(cls):
-            flag = f"--{f.name}={f.default}"
+            flag = f"--{f.name}={_shown(values[f.name])}"
             lines.append(f"  {flag:<34} {f.metadata.get('help', '')}")
         lines.append("")
     return "\n".join(lines)

@@ -31,7 +31,8 @@ class OptimConfig:
     optimizer: Literal["adamw", "adafactor"] = field(
         default="adamw", metadata={"help": "adamw | adafactor (PaLM's, unfactored)"})
     learning_rate: float = field(default=6e-4, metadata={"help": "peak learning rate (paper: 1e-2)"})
-    min_lr: float = field(default=6e-5, metadata={"help": "final learning rate of the cosine schedule"})
+    min_lr: float | None = field(
+        default=None, metadata={"help": "final learning rate of the cosine schedule (None: learning_rate / 10)"})
     lr_schedule: Literal["cosine", "palm", "constant"] = field(
         default="cosine",
         metadata={"help": "cosine (warmup + cosine) | palm (constant, then 1/sqrt(k); no warmup) | constant"},
@@ -63,6 +64,8 @@ class OptimConfig:
         """ValueError on the first bad value, saying how to fix it (choices are checked by config.py)."""
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.min_lr is None:  # follows learning_rate, so `--learning_rate=3e-5` alone is a valid finetune
+            self.min_lr = self.learning_rate / 10
         if not 0 <= self.min_lr <= self.learning_rate:
             raise ValueError(f"min_lr must be in [0, learning_rate={self.learning_rate}], got {self.min_lr}")
         if self.warmup_iters < 0:

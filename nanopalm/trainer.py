@@ -22,7 +22,7 @@ from nanopalm import distributed as D
 from nanopalm import shakespeare
 from nanopalm.atomic import ensure_dir, write_atomic
 from nanopalm.checkpoint import Checkpointer, StartPoint, TrainState
-from nanopalm.config import RunConfig
+from nanopalm.config import RUN_CONFIG_FILE, RunConfig
 from nanopalm.data import BatchLoader, load_meta, resolve_dataset
 from nanopalm.device import free_memory, pick_device, pick_precision
 from nanopalm.errors import MEMORY_ADVICE, Interrupted, UserError
@@ -126,7 +126,7 @@ class Trainer:
         self.stopping = False  # set when a rank's time is up or a rank was signalled
         self.iteration_started = time.perf_counter()
         if self.dist.is_main:
-            write_atomic(self.out_dir / "config.json", json.dumps(self.cfg.to_dict(), indent=2).encode())
+            self._record_config()
             self.tokenizer.save(self.out_dir)  # the run directory is self-contained for sampling
         self.logger = MetricsLogger(self.out_dir, self.dist.is_main, t.tensorboard, t.wandb_project,
                                     self.cfg.to_dict(), start_step=self.saved_step)
@@ -135,6 +135,13 @@ class Trainer:
             print(f"{self.raw_model.num_params():,} parameters on {self.device} ({dtype}), "
                   f"{t.batch_size * t.gradient_accumulation_steps * block:,} tokens a step, "
                   f"{self.dist.world_size} rank(s)", flush=True)
+
+    def _record_config(self) -> None:
+        """RUN/config.json, what `--resume` continues: written when the run starts, and again only when a resume
+        changed one of the keys config.RESUME_MAY_CHANGE allows (run_config logged which)."""
+        path, text = self.out_dir / RUN_CONFIG_FILE, json.dumps(self.cfg.to_dict(), indent=2).encode()
+        if not path.is_file() or path.read_bytes() != text:
+            write_atomic(path, text)
 
     def _warn_if_memory_is_short(self) -> None:
         """Before anything is allocated: the planner's estimate of a step's peak (nanopalm/memory.py) against

@@ -6,7 +6,16 @@ import re
 
 import pytest
 
-from nanopalm.config import CONFIG_DIR, FIELDS, config_from_dict, help_text, parse_args
+from nanopalm.config import (
+    CONFIG_DIR,
+    DEFAULT_PRESET,
+    FIELDS,
+    config_from_dict,
+    help_text,
+    load_preset,
+    parse_args,
+    run_config,
+)
 from nanopalm.errors import UserError
 
 
@@ -55,11 +64,48 @@ def test_config_round_trips_through_json():
     assert again == cfg
 
 
-def test_help_lists_every_key_with_its_default():
-    text = help_text()
-    for name, (_, f) in FIELDS.items():
-        assert f"--{name}={f.default}" in text
-        assert f.metadata.get("help"), f"{name} has no help text"
+def test_help_lists_every_key_with_the_value_the_run_would_use():
+    """`train.py --help` shows what a bare `python train.py` trains with (the default preset's values, not the
+    dataclasses'), and `train.py PRESET --help` that preset's; a value with a newline is quoted, not printed raw."""
+    for argv, expected in [([], load_preset(DEFAULT_PRESET)), (["owt_palm_paper"], load_preset("owt_palm_paper"))]:
+        text = help_text([*argv, "--help"])
+        lines = text.splitlines()
+        derived = {"d_ff": 4 * expected["d_model"], "min_lr": expected["learning_rate"] / 10}  # PaLM: d_ff = 4d
+        for name, (_, f) in FIELDS.items():
+            value = expected.get(name, derived.get(name, f.default))
+            shown = repr(value) if isinstance(value, str) and not (value.isprintable() and value.split() == [value]) \
+                else value
+            assert f"  --{name}={shown} " in text, name
+            assert f.metadata.get("help"), f"{name} has no help text"
+        flag_lines = [line for line in lines if line.startswith("  ")]
+        assert all(line.startswith("  --") for line in flag_lines) and len(flag_lines) == len(FIELDS)
+    assert "  --optimizer=adafactor " in help_text() and "  --sample_prompt='\\n' " in help_text()
+    assert "  --out_dir=out-owt-palm-paper " in help_text(["owt_palm_paper"])
+
+
+def test_a_shape_preset_trains_on_the_default_runs_data_with_its_vocabulary():
+    """`python train.py tiny`: the shape's layers and widths, the default run's data, recipe and vocabulary (the
+    shape's 256 is not the data's 8192), into out-tiny; a flag still sets the vocabulary."""
+    default, tiny = parse_args([]), parse_args(["tiny"])
+    shape = load_preset("tiny")
+    assert (tiny.model.n_layer, tiny.model.d_model, tiny.model.d_ff) == (shape["n_layer"], shape["d_model"],
+                                                                         shape["d_ff"])
+    assert tiny.model.vocab_size == default.model.vocab_size == 8192 != shape["vocab_size"]
+    assert tiny.optim == default.optim and tiny.train.dataset == "shakespeare" and tiny.train.out_dir == "out-tiny"
+    assert parse_args(["tiny", "--vocab_size=512"]).model.vocab_size == 512
+    cfg, notes = run_config(["tiny"])
+    assert cfg == tiny and notes == ["model shape tiny on the default run (shakespeare): its data, recipe and "
+                                     "vocab_size=8192, into out_dir=out-tiny"]
+
+
+def test_min_lr_follows_the_learning_rate_unless_given():
+    """README's finetune line gives only --learning_rate=3e-5: min_lr (cosine's floor) is derived, not refused."""
+    assert parse_args(["--learning_rate=3e-5"]).optim.min_lr == pytest.approx(3e-6)
+    assert parse_args(["--learning_rate=3e-5", "--min_lr=1e-6"]).optim.min_lr == 1e-6
+    cfg, notes = run_config(["--learning_rate=3e-5", "--lr_schedule=cosine"])
+    assert notes == ["min_lr not given: learning_rate / 10 = 3e-06"]
+    with pytest.raises(UserError, match=re.escape("min_lr must be in [0, learning_rate=3e-05], got 6e-05")):
+        parse_args(["--learning_rate=3e-5", "--min_lr=6e-5"])  # given and impossible: still refused
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,13 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, TINY_RUN
+from conftest import REPO, TINY_RUN, load_script
 from safetensors.torch import load_file
 
 from nanopalm import checkpoint as ckpt
 from nanopalm import distributed as D
 from nanopalm import fused
+from nanopalm.errors import run_cli
 from nanopalm.trainer import Trainer, train
 
 
@@ -80,6 +81,52 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_run, tmp_path,
     def losses(run):
         return [(r["step"], r["train_loss"]) for r in metrics(tmp_path / run) if "train_loss" in r]
     assert losses("straight") == losses("stopped")
+
+
+def cli_run(argv: list[str]) -> int:
+    """`python train.py ARGV` in this process: its exit code (run_cli prints a UserError as one line)."""
+    return run_cli(load_script("train.py").main, argv)
+
+
+def test_resume_reads_the_runs_own_config_for_a_non_default_preset(char_dataset, tmp_path, capsys):
+    """`train.py --resume --out_dir=RUN`, the form README and the Ctrl-C line give, continues a run started from
+    another preset (AdamW where the default is Adafactor, batch 4 from a flag) exactly: the losses and weights of
+    the run never stopped, and config.json as it was but for the one allowed change, which the log names."""
+    preset = tmp_path / "my_preset.json"
+    preset.write_text(json.dumps({**TINY_RUN, "dataset": str(char_dataset), "dropout": 0.1, "eval_interval": 10}))
+    assert cli_run([str(preset), "--batch_size=4", "--max_iters=20", f"--out_dir={tmp_path / 'straight'}"]) == 0
+    assert cli_run([str(preset), "--batch_size=4", "--max_iters=10", f"--out_dir={tmp_path / 'stopped'}"]) == 0
+    capsys.readouterr()
+    assert cli_run(["--resume", f"--out_dir={tmp_path / 'stopped'}", "--max_iters=20"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming {tmp_path / 'stopped'} as recorded in its config.json, with max_iters 10 -> 20" in out
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    def losses(run):
+        return [(r["step"], r["tokens"], r["train_loss"]) for r in metrics(tmp_path / run) if "train_loss" in r]
+    assert losses("straight") == losses("stopped") and losses("stopped")[-1][1] == 20 * 4 * 32  # batch 4 kept
+    recorded = {run: json.loads((tmp_path / run / "config.json").read_text()) for run in ("straight", "stopped")}
+    assert recorded["stopped"] == {**recorded["straight"], "out_dir": str(tmp_path / "stopped"), "resume": True}
+
+
+def test_resume_refuses_a_flag_that_would_change_the_run_and_leaves_it_as_it_was(char_dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    preset = tmp_path / "my_preset.json"
+    preset.write_text(json.dumps({**TINY_RUN, "dataset": str(char_dataset), "max_iters": 4, "eval_interval": 4}))
+    assert cli_run([str(preset), "--batch_size=4", f"--out_dir={run}"]) == 0
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    for argv, message in [
+        (["--batch_size=8"], f"--batch_size=8: the run in {run} was trained with batch_size=4; --resume continues a "
+                             "run as recorded in its config.json: drop --batch_size, or start a new run from its "
+                             f"weights with --init_from={run} --out_dir=NEW_DIR"),
+        (["tiny"], "preset tiny sets n_head=4: the run in"),  # a preset's keys count as given
+        (["--learning_rate=1e-2", "--max_iters=8"], "--learning_rate=0.01: the run in"),
+    ]:
+        assert cli_run([*argv, "--resume", f"--out_dir={run}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
 
 
 def spike_at(trainer: Trainer, step: int, factor: float = 100.0) -> None:
