@@ -7,7 +7,7 @@ or the lm-evaluation-harness's tasks. docs/EVAL.md has the details and the figur
     python eval.py RUN --tasks lambada_openai,hellaswag --num_fewshot 0 --limit 200   # pip install -e ".[eval]"
 
 The weights come from the run's best checkpoint (or the checkpoint directory given). The result is also
-written as JSON, by default to RUN/eval/<split, data_files or tasks>.json.
+written as JSON, by default to RUN/eval/<split, the files' names, or tasks>.json.
 """
 
 from __future__ import annotations
@@ -63,6 +63,13 @@ def check_args(args: argparse.Namespace) -> list[str]:
     return names
 
 
+def output_name(files: list[str]) -> str:
+    """The JSON file's name for scored --data_files: their names, so that scoring other files writes another."""
+    stems = [Path(f).stem for f in files]
+    name = "+".join(stems)
+    return name if len(name) <= 80 else f"{stems[0][:60]}+{len(stems) - 1}_more"
+
+
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     names = check_args(args)
@@ -80,7 +87,7 @@ def main(argv: list[str]) -> None:
         texts = read_texts(args.data_files) if args.data_files else None
         result = evaluate_run(args.run, args.split or "val", texts, args.dataset, args.stride, args.batch_size,
                               args.device, args.dtype)
-        what = "data_files" if texts else args.split or "val"
+        what = output_name(args.data_files) if texts else args.split or "val"
         if args.stride:
             what += f"_stride{args.stride}"
     result["command"] = shlex.join(["python", "eval.py", *argv])

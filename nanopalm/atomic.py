@@ -16,6 +16,14 @@ from pathlib import Path
 from nanopalm.errors import UserError, out_of_memory
 
 
+def file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (0644 under the usual 022). Some writers
+    (safetensors' save_file) make their files 0600; a run's files all get this one, as its other files have."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def temporary_path(path: Path) -> Path:
     """The name a file is written under before `os.replace` publishes it (`*.tmp`, git-ignored)."""
     return path.with_name(path.name + ".tmp")
@@ -120,7 +128,9 @@ def write_directory(final: Path, write: Callable[[Path], None], manifest: Callab
             tmp.mkdir(parents=True)
 
     def hash_share() -> None:
+        mode = file_mode()
         for name in sorted(p.name for p in tmp.iterdir())[share[0]::share[1]]:
+            os.chmod(tmp / name, mode)
             fsync(tmp / name)
             checksums[name] = sha256(tmp / name)
 

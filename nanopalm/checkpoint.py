@@ -21,7 +21,6 @@ import json
 import math
 import pickle
 import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from nanopalm import atomic
 from nanopalm import distributed as D
 from nanopalm.config import RunConfig, config_from_dict
-from nanopalm.errors import UserError
+from nanopalm.errors import UserError, warn
 from nanopalm.faults import fault_point
 from nanopalm.model import PaLM
 from nanopalm.tokenizer import Tokenizer, load_tokenizer
@@ -182,7 +181,7 @@ def find_checkpoint(path: str | Path, prefer_best: bool = False,
             bad[candidate] = str(e)
             continue
         for problem in bad.values():  # one line each on stderr, the run itself goes on from another checkpoint
-            print(f"warning: skipping {problem}", file=sys.stderr, flush=True)
+            warn(f"skipping {problem}")
         return found
     raise UserError(f"no usable checkpoint in {path}: {len(bad)} corrupt or incomplete, the newest: "
                     f"{bad[candidates[-1]]}; restore a good copy, or start again in a new --out_dir")

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nanopalm.device import Precision
-from nanopalm.errors import UserError
+from nanopalm.errors import UserError, warn
 from nanopalm.model import PaLM, PaLMConfig
 
 # FSDP2 and torch.distributed.checkpoint take a second to import: only the FSDP2 paths import them.
@@ -59,8 +59,8 @@ def init_distributed(device: torch.device, fsdp: bool = False) -> tuple[DistInfo
                                 device_id=device if device.type == "cuda" else None)
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
     if info.is_main and restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        print("warning: restarts under torchrun's shared rendezvous store can fail on stale addresses; launch with "
-              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/DISTRIBUTED.md)", flush=True)
+        warn("restarts under torchrun's shared rendezvous store can fail on stale addresses; launch with "
+             "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/DISTRIBUTED.md)")
     return info, device
 
 

@@ -22,6 +22,11 @@ class Interrupted(Exception):
         self.exit_code = exit_code
 
 
+def warn(message: str) -> None:
+    """A warning: one line on stderr (stdout is the run's log and output, which a user may pipe or parse)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 EXIT_USER_ERROR = 2
 EXIT_OUT_OF_MEMORY = 3
 EXIT_CTRL_C = 130  # 128 + SIGINT, what shells report for a process stopped by Ctrl-C

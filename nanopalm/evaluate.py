@@ -179,6 +179,8 @@ class Scorer:
         scores = {}
         for name, text in texts.items():
             tokens = np.array(tokenizer.encode(text), dtype=np.int64)
+            if len(tokens) < 2:  # the first token has no context: scoring starts at the second
+                raise UserError(f"--data_files {name} is {len(tokens)} token(s) long: scoring needs at least 2")
             nats, n = self.score(tokens, tokenizer.eot_id, progress=Path(name).name)
             scores[name] = Score(nats, n, len(text.encode("utf-8")))
         return scores
@@ -199,7 +201,8 @@ def read_texts(paths: list[str]) -> dict[str, str]:
     for path in paths:
         if not Path(path).is_file():
             raise UserError(f"--data_files {path}: no such file; give paths of text files")
-    check_utf8(paths)
+        if not check_utf8(path):
+            raise UserError(f"--data_files {path} is empty (or only whitespace): there is nothing to score")
     return {path: Path(path).read_text(encoding="utf-8") for path in paths}
 
 

@@ -243,11 +243,18 @@ def run_tasks(lm: NanoPalmLM, names: list[str], manager, num_fewshot: int | None
               limit: int | None = None) -> dict:
     """simple_evaluate on `lm`: the harness's results as plain JSON data (per-sample records left out), its
     table printed."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
     from lm_eval import simple_evaluate
     from lm_eval.utils import handle_non_serializable, make_table
 
-    results = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                              log_samples=False, batch_size=lm.batch_size, device=str(lm.device))
+    try:
+        results = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                                  log_samples=False, batch_size=lm.batch_size, device=str(lm.device))
+    except (ConnectionError, LocalEntryNotFoundError) as e:  # datasets' and the hub client's "cannot reach"
+        raise UserError(f"a task's data is on the Hugging Face Hub, which cannot be reached from here "
+                        f"({str(e).splitlines()[0]}): connect (or fill the datasets cache), or run tasks whose data "
+                        "is local, e.g. the built-in ones: python -m nanopalm.shakespeare_tasks DIR, then "
+                        "--include_path DIR") from None
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))

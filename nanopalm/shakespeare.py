@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanopalm.atomic import ensure_dir
+from nanopalm.atomic import check_dir
 from nanopalm.data import DATA_ROOT, SPLITS, SplitStats, write_dataset, write_token_file
 from nanopalm.errors import UserError
 from nanopalm.tokenizer import PALM_VOCAB_SIZE, Tokenizer, get_tokenizer
@@ -99,7 +99,7 @@ def prepare(out_dir: Path | None = None, tokenizer: str = "palm", vocab_size: in
     """Clean, split, tokenize and write the Shakespeare dataset into `out_dir` (default data/shakespeare/,
     what `python train.py` uses); returns `out_dir`."""
     started = time.time()
-    out_dir = ensure_dir(DATA_ROOT / "shakespeare" if out_dir is None else out_dir, "--out_dir")
+    out_dir = check_dir(DATA_ROOT / "shakespeare" if out_dir is None else out_dir, "--out_dir")  # made when written
     passages = dict(zip(SPLITS, split_passages(load_passages()), strict=True))
     # palm learns its vocabulary from train only (as PaLM did); char needs every character it will meet
     texts = passages["train"] if tokenizer == "palm" else passages["train"] + passages["val"]

@@ -20,12 +20,12 @@ import torch
 
 from nanopalm import distributed as D
 from nanopalm import shakespeare
-from nanopalm.atomic import ensure_dir, write_atomic
+from nanopalm.atomic import check_dir, ensure_dir, write_atomic
 from nanopalm.checkpoint import Checkpointer, StartPoint, TrainState
 from nanopalm.config import RUN_CONFIG_FILE, RunConfig
 from nanopalm.data import BatchLoader, load_meta, resolve_dataset
 from nanopalm.device import free_memory, pick_device, pick_precision
-from nanopalm.errors import MEMORY_ADVICE, Interrupted, UserError
+from nanopalm.errors import MEMORY_ADVICE, Interrupted, UserError, warn
 from nanopalm.evaluate import record_val_bpb_full
 from nanopalm.faults import fault_point
 from nanopalm.memory import GIB, Setup, estimate
@@ -85,7 +85,7 @@ class Trainer:
         t = cfg.train
         self.dist, self.device = D.init_distributed(pick_device(t.device), t.fsdp)
         self.precision = pick_precision(t.dtype, self.device, self.dist.sharded, t.tf32)
-        self.out_dir = ensure_dir(t.out_dir, "--out_dir")  # a bad path fails now, before any work
+        self.out_dir = check_dir(t.out_dir, "--out_dir")  # a bad path fails now; made once the run starts
         D.check_divisible(t.gradient_accumulation_steps, self.dist)
         self.data_dir = prepared_dataset(t.dataset, self.dist)
         self.data_meta = load_meta(self.data_dir)
@@ -97,6 +97,12 @@ class Trainer:
             print(f"the checkpoint's model settings apply: {', '.join(overridden)}", flush=True)
         if start is not None:
             self._check_tokenizer(start.checkpoint.meta)
+        # The data before the model: a block longer than the data or a vocabulary smaller than it fails here, in
+        # a second, not after the model is built (a 10^8-token block's RoPE tables alone take gigabytes).
+        block, vocab = self.cfg.model.block_size, self.cfg.model.vocab_size
+        self.train_loader = BatchLoader(self.data_dir, "train", t.batch_size, block, t.seed, self.device, vocab)
+        self.val_loader = BatchLoader(self.data_dir, "val", t.batch_size, block, t.seed, self.device, vocab)
+        self.tokenizer = load_tokenizer(self.data_dir)
         self._warn_if_memory_is_short()
 
         compile_blocks = t.compile is True or (t.compile == "auto" and self.device.type == "cuda")
@@ -114,10 +120,6 @@ class Trainer:
                 if self.dist.is_main:
                     print(f"resumed from {start.checkpoint.path} at step {loaded.step}", flush=True)
 
-        block, vocab = self.cfg.model.block_size, self.cfg.model.vocab_size
-        self.train_loader = BatchLoader(self.data_dir, "train", t.batch_size, block, t.seed, self.device, vocab)
-        self.val_loader = BatchLoader(self.data_dir, "val", t.batch_size, block, t.seed, self.device, vocab)
-        self.tokenizer = load_tokenizer(self.data_dir)
         self.flops_per_token = self.raw_model.flops_per_token(block)
         self.peak_flops = gpu_peak_flops(self.device)
         self.spikes = SpikeDetector(t.spike_factor, t.spike_window)
@@ -125,6 +127,7 @@ class Trainer:
         self.stop = GracefulStop()  # installed by train(): SIGTERM / Ctrl-C end the run with a checkpoint
         self.stopping = False  # set when a rank's time is up or a rank was signalled
         self.iteration_started = time.perf_counter()
+        ensure_dir(self.out_dir, "--out_dir")
         if self.dist.is_main:
             self._record_config()
             self.tokenizer.save(self.out_dir)  # the run directory is self-contained for sampling
@@ -149,11 +152,11 @@ class Trainer:
         need = estimate(Setup.of_run(self.cfg, self.dist, self.precision, self.device), self.cfg.train.batch_size)
         free = free_memory(self.device)
         if self.dist.is_main and free is not None and need.total > free:
-            print(f"warning: a training step needs about {need.total / GIB:.1f} GiB of {self.device} memory at its "
-                  f"peak (the planner's estimate: parameters {need.parameters / GIB:.1f}, gradients "
-                  f"{need.gradients / GIB:.1f}, optimizer {need.optimizer / GIB:.1f}, activations "
-                  f"{need.activations / GIB:.1f}, temporary {need.temporary / GIB:.1f} GiB) but {free / GIB:.1f} GiB "
-                  f"is free, so it may run out: {MEMORY_ADVICE}", flush=True)
+            warn(f"a training step needs about {need.total / GIB:.1f} GiB of {self.device} memory at its "
+                 f"peak (the planner's estimate: parameters {need.parameters / GIB:.1f}, gradients "
+                 f"{need.gradients / GIB:.1f}, optimizer {need.optimizer / GIB:.1f}, activations "
+                 f"{need.activations / GIB:.1f}, temporary {need.temporary / GIB:.1f} GiB) but {free / GIB:.1f} GiB "
+                 f"is free, so it may run out: {MEMORY_ADVICE}")
 
     def _check_tokenizer(self, meta: dict) -> None:
         expected, found = meta.get("tokenizer_sha256"), self.tokenizer_sha256

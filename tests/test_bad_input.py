@@ -30,6 +30,7 @@ from nanopalm.tokenizer import CharTokenizer
 from nanopalm.trainer import Trainer
 
 SCRIPTS = {"train": "train.py", "sample": "sample.py", "prepare": "data/text/prepare.py", "plot": "nanopalm/plot.py",
+           "prepare_shakespeare": "data/shakespeare/prepare.py",
            "eval": "eval.py", "consolidate": "-m nanopalm.checkpoint consolidate"}
 READ_ONLY = "/sys/nanopalm_bad_input"  # sysfs refuses new directories, even to root
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -38,7 +39,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS
 @dataclass(frozen=True)
 class Case:
     id: str
-    cli: str  # train | sample | prepare | plot | eval | consolidate
+    cli: str  # a key of SCRIPTS
     args: tuple[str, ...]  # {name} is replaced by a path of the `world` fixture
     message: str  # the start of the problem and a piece of the fix, both in the one line
     subprocess: bool = False
@@ -76,10 +77,21 @@ CASES = [
          "was tokenized with a 77-token vocabulary (char) but the model has 50: set --vocab_size to at least 77"),
     Case("block longer than the val split", "train", ("--dataset={short_val}",),
          "--block_size 32 needs 33 tokens but"),
+    Case("a block of 10^8 tokens", "train", ("--block_size=100000000",),  # checked before the model is built
+         "--block_size 100000000 needs 100000001 tokens but"),
     Case("non-UTF-8 text", "prepare", ("--data_files={latin1}",),
          "latin1.txt is not UTF-8 text (byte 14: invalid continuation byte): convert it first", subprocess=True),
     Case("malformed JSON lines", "prepare", ("--data_files={broken_jsonl}",),
-         "cannot read the documents (ArrowInvalid: JSON parse error", others_log=True),
+         "broken.jsonl line 2 is not valid JSON (Invalid control character at, column 20): fix or remove that line"),
+    Case("a JSON line without text", "prepare", ("--data_files={no_text_jsonl}",),
+         "no_text.jsonl line 2 has no 'text' key (it has id, body): give every line one, or set --text_column"),
+    Case("a JSON line whose text is no string", "prepare", ("--data_files={number_jsonl}",),
+         "number.jsonl line 3: 'text' is a JSON number, not a string: each document's text must be a string",
+         subprocess=True),
+    Case("an empty text file", "prepare", ("--data_files={empty}",),
+         "--data_files {empty}: the file is empty (or only whitespace): nothing to prepare"),
+    Case("shakespeare: vocabulary of 0", "prepare_shakespeare", ("--vocab_size=0",),
+         "--vocab_size must be positive, got 0"),
     Case("prepare: unknown flag", "prepare", ("--data_files={latin1}", "--bogus"),
          "unrecognized arguments: --bogus (see --help)"),
     # checkpoints
@@ -141,6 +153,11 @@ CASES = [
          "unknown task(s) no_such_task: `lm-eval ls tasks` lists the harness's tasks", out="{run}", slow=True),
     Case("eval a non-UTF-8 file", "eval", ("{run}", "--data_files={latin1}"),
          "latin1.txt is not UTF-8 text (byte 14: invalid continuation byte)", subprocess=True, out="{run}"),
+    Case("eval an empty file", "eval", ("{run}", "--data_files={empty}"),
+         "--data_files {empty} is empty (or only whitespace): there is nothing to score", out="{run}"),
+    Case("eval a task whose data is on the Hub, offline", "eval", ("{run}", "--tasks=lambada_openai", "--limit=2"),
+         "a task's data is on the Hugging Face Hub, which cannot be reached from here", out="{run}", slow=True,
+         subprocess=True, others_log=True),
     Case("eval stride zero", "eval", ("{run}", "--stride=0"), "--stride=0 must be at least 1", out="{run}"),
     Case("eval stride of block_size", "eval", ("{run}", "--stride=32"),
          "--stride 32 must be between 1 and block_size - 1 = 31", out="{run}"),
@@ -209,6 +226,10 @@ def world(char_dataset, tmp_path_factory) -> dict[str, str]:
     paths["latin1"].write_bytes("Some text\n\nCafé crème\n".encode("latin-1"))
     paths["broken_jsonl"] = root / "broken.jsonl"
     paths["broken_jsonl"].write_text('{"text": "fine"}\n{"text": "cut short\n')
+    paths["no_text_jsonl"] = root / "no_text.jsonl"
+    paths["no_text_jsonl"].write_text('{"text": "fine"}\n{"id": 2, "body": "misnamed"}\n')
+    paths["number_jsonl"] = root / "number.jsonl"
+    paths["number_jsonl"].write_text('{"text": "fine"}\n\n{"text": 5}\n')
     paths["empty"] = root / "empty.txt"
     paths["no_checkpoint"] = root / "no_checkpoint"
     paths["no_checkpoint"].mkdir()
@@ -227,6 +248,7 @@ def argv(case: Case, world: dict[str, str]) -> tuple[list[str], Path]:
         "sample": [f"--out_dir={world['run']}", "--device=cpu"],
         "prepare": [f"--out_dir={out}", f"--cache_dir={world['root']}/hf_cache",
                     *([] if any(a.startswith("--tokenizer_from") for a in case.args) else ["--tokenizer=char"])],
+        "prepare_shakespeare": [f"--out_dir={out}"],
         "plot": [],
         "eval": ["--device=cpu"],
         "consolidate": [],

@@ -226,3 +226,15 @@ def test_a_config_read_from_a_checkpoint_is_data(run_with_checkpoints):
     (path / ckpt.META_FILE).write_text(json.dumps(meta))
     with pytest.raises(UserError, match=r"^the checkpoint's config is invalid \(n_layer expects int, got "):
         ckpt.load_model(path)
+
+
+def test_every_file_of_a_run_has_the_mode_its_umask_gives(run_with_checkpoints):
+    """safetensors writes its file 0600; in a run directory, where config.json and metrics are 0644 under the usual
+    umask 022, the weights must be readable by the same people (a shared cluster disk, a web server of runs)."""
+    _, run_dir = run_with_checkpoints
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {p.relative_to(run_dir).as_posix(): oct(p.stat().st_mode & 0o777) for p in run_dir.rglob("*")
+             if p.is_file()}
+    assert "checkpoints/step_00000020/model.safetensors" in modes and "config.json" in modes
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes

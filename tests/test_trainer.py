@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from nanopalm import checkpoint as ckpt
 from nanopalm import distributed as D
 from nanopalm import fused
-from nanopalm.errors import run_cli
+from nanopalm.errors import UserError, run_cli
 from nanopalm.trainer import Trainer, train
 
 
@@ -384,7 +384,9 @@ def test_a_run_that_will_not_fit_is_warned_about_before_its_first_step(tiny_run,
     """The planner's estimate of a step's peak against the device's free memory: a stated limit of 1 MiB here."""
     monkeypatch.setattr("nanopalm.trainer.free_memory", lambda device: 1 << 20)
     trainer = Trainer(tiny_run())
-    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    out, err = capsys.readouterr()
+    (line,) = err.splitlines()  # on stderr, not in the log on stdout
+    assert "warning" not in out
     assert line.startswith("warning: a training step needs about 0.0 GiB of cpu memory at its peak (the planner's "
                            "estimate: parameters") and line.endswith("GiB) but 0.0 GiB is free, so it may run out: use "
                            "a smaller --batch_size with a larger --gradient_accumulation_steps (the same global "
@@ -393,7 +395,7 @@ def test_a_run_that_will_not_fit_is_warned_about_before_its_first_step(tiny_run,
     assert trainer.state.step == 0  # a warning, not a refusal
     monkeypatch.setattr("nanopalm.trainer.free_memory", lambda device: 1 << 40)
     Trainer(tiny_run("roomy"))
-    assert "warning:" not in capsys.readouterr().out
+    assert "warning:" not in "".join(capsys.readouterr())
 
 
 def test_a_run_says_what_device_and_precision_auto_chose(tiny_run, capsys):
@@ -401,3 +403,16 @@ def test_a_run_says_what_device_and_precision_auto_chose(tiny_run, capsys):
     first = capsys.readouterr().out.splitlines()[0]
     # 80 x 32 tied embedding + 2 blocks of (32 norm + 320 x 32 fused q,k,v,gate,up + 32 x 32 + 128 x 32) + 32
     assert first == "33,376 parameters on cpu (float32), 256 tokens a step, 1 rank(s)"
+
+
+def test_the_data_are_checked_before_the_model_is_built(tiny_run, monkeypatch):
+    """`--block_size=100000000` took 100 s and ~6 GB (RoPE tables, weights) before the one-line error: the cheap
+    checks of the data come first now."""
+    def build_model(*args, **kwargs):
+        raise AssertionError("the model was built before the data were checked")
+
+    monkeypatch.setattr(D, "build_model", build_model)
+    with pytest.raises(UserError, match="--block_size 100000000 needs 100000001 tokens but"):
+        Trainer(tiny_run(block_size=100_000_000))
+    with pytest.raises(UserError, match="set --vocab_size to at least 77"):
+        Trainer(tiny_run(vocab_size=50))
