@@ -149,7 +149,7 @@ class Scorer:
         batches = math.ceil(windows / size)
         sums = []
         for j in tqdm(range(math.ceil(batches / info.world_size)), desc=progress, unit="batch",
-                      disable=not progress or not info.is_main):
+                      disable=not progress or not info.is_main, delay=2):  # a bar only where one waits
             b = j * info.world_size + info.rank
             first = (b % batches) * size
             x, y = _batch(tokens, eot_id, first, min(size, windows - first), block, stride, size)
@@ -274,9 +274,11 @@ def record_val_bpb_full(trainer: Trainer) -> dict | None:
                   f"full_val_tokens={t.full_val_tokens:,} (raise it, or run eval.py)", flush=True)
         return None
     started = time.perf_counter()
+    if info.is_main:  # tens of seconds on a CPU: say what the wait is for (the bar, on stderr, follows)
+        print(f"scoring the whole val split ({val_tokens:,} tokens) for val_bpb_full...", flush=True)
     scorer = Scorer(trainer.model, trainer.cfg.model.block_size, t.batch_size, trainer.device, trainer.precision,
                     info=info)
-    score = scorer.split(trainer.tokenizer, trainer.data_dir, "val", progress=False)
+    score = scorer.split(trainer.tokenizer, trainer.data_dir, "val", progress=True)
     row = {"step": trainer.state.step, "tokens": trainer.state.tokens, "val_loss_full": score.loss,
            "val_bpb_full": score.bits_per_byte, "val_tokens_full": score.tokens, "val_bytes_full": score.bytes}
     trainer.logger.log(row)

@@ -241,12 +241,15 @@ def consolidate(source: str | Path, out: str | Path | None = None) -> Path:
     if (out_dir / "checkpoints").exists():
         raise UserError(f"{out_dir} already holds checkpoints: give another --out (or remove it)")
     tokenizer = load_tokenizer(found.run_dir)  # sample.py reads it from the run directory: first, or nothing
+    size = sum(f.stat().st_size for f in found.path.iterdir() if f.is_file())
+    print(f"reading {found.path} ({size / 2**30:.2f} GiB, every rank's shards) into memory...", flush=True)
     weights, optimizer_state = read_whole(found.path)
     trainer_state = read_trainer_state(found.path)
     groups = trainer_state["param_groups"]
     numbers = {name: i for i, name in enumerate(name for group in groups for name in group["params"])}
     optimizer = D.renumber_optimizer_state({"state": optimizer_state, "param_groups": groups}, numbers)
     meta = {k: v for k, v in found.meta.items() if k not in ("sha256", "format", "format_version", "step")}
+    print(f"writing {checkpoint_dir(out_dir, found.step)}...", flush=True)
     write_checkpoint(out_dir, found.step, weights, {"optimizer": optimizer, "scaler": trainer_state["scaler"]},
                      meta, keep_last=1)
     tokenizer.save(out_dir)

@@ -111,10 +111,20 @@ def test_eval_py_scores_text_files_with_the_runs_tokenizer(eval_run, tmp_path):
     assert [per_file[str(f)]["bytes"] for f in files] == [len(f.read_bytes()) for f in files]
     assert result["tokens"] == sum(len(f.read_text()) for f in files)  # char tokenizer: one token a character
     assert result["nats"] == pytest.approx(sum(p["nats"] for p in per_file.values()))
+    eval_main()([str(eval_run), "--data_files", str(files[1])])  # by default named after the files it scored
+    eval_main()([str(eval_run), "--data_files", *map(str, files)])
+    written = {p.name: json.loads(p.read_text())["data_files"].keys() for p in (eval_run / "eval").glob("*.json")}
+    assert written["b.json"] == {str(files[1])} and written["a+b.json"] == set(map(str, files))
 
 
-def test_training_records_the_whole_val_bits_per_byte(tiny_run, small_val_dataset, tmp_path, capsys):
+def test_training_records_the_whole_val_bits_per_byte(tiny_run, small_val_dataset, tmp_path, capsys, monkeypatch):
+    bars = []  # the whole-val pass takes tens of seconds at the default run's size: announced, with a bar
+    monkeypatch.setattr("nanopalm.evaluate.tqdm", lambda iterable, **kwargs: bars.append(kwargs) or iterable)
     result = train(tiny_run("run", dataset=str(small_val_dataset), max_iters=20, full_val_tokens=10_000))
+    assert "step     20 | val loss" in capsys.readouterr().out.split("scoring the whole val split (3,000 tokens) "
+                                                                 "for val_bpb_full...")[0]
+    assert [(b["desc"], b["disable"], b["delay"]) for b in bars] == [("val split", False, 2)]
+    monkeypatch.undo()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     full = [r for r in rows if "val_bpb_full" in r]
     assert len(full) == 1 and full[0]["step"] == 20

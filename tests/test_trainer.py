@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -416,3 +417,23 @@ def test_the_data_are_checked_before_the_model_is_built(tiny_run, monkeypatch):
         Trainer(tiny_run(block_size=100_000_000))
     with pytest.raises(UserError, match="set --vocab_size to at least 77"):
         Trainer(tiny_run(vocab_size=50))
+
+
+def test_ms_per_step_leaves_out_the_evaluations(tiny_run, tmp_path, monkeypatch):
+    """An evaluation that takes 1,000 s (on a clock the test moves) is in no step's ms_per_step, though it is in the
+    run's seconds: the step timer starts after the evaluation that precedes a step."""
+    skipped = [0.0]
+    real_clock = time.perf_counter
+    monkeypatch.setattr("nanopalm.trainer.time.perf_counter", lambda: real_clock() + skipped[0])
+    evaluate = Trainer.evaluate
+
+    def slow_evaluate(self):
+        skipped[0] += 1000.0
+        return evaluate(self)
+
+    monkeypatch.setattr(Trainer, "evaluate", slow_evaluate)
+    train(tiny_run(max_iters=6, eval_interval=2, log_interval=1))
+    rows = metrics(tmp_path / "run")
+    steps = [r for r in rows if "ms_per_step" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6] and max(r["ms_per_step"] for r in steps) < 1e6
+    assert rows[-1]["seconds"] > 3000  # the evaluations at steps 0, 2 and 4 count in the run's time
