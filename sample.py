@@ -83,6 +83,9 @@ def main(argv: list[str]) -> None:
           f"{' (unused: --no_cache)' if args.no_cache else ''}: {c.kv_cache_bytes(1, dtype):,} bytes a sequence "
           f"({c.n_layer} layers x {c.n_kv_head} K/V head(s) x {c.block_size} positions x {c.head_dim} x 2); "
           f"prompt {len(prompt_ids)} tokens", file=sys.stderr)
+    if len(prompt_ids) > c.block_size:  # generate() crops the context to the model's window (sampling.py)
+        print(f"note: the prompt is {len(prompt_ids)} tokens, longer than block_size={c.block_size}: the model sees "
+              f"only its last {c.block_size} tokens", file=sys.stderr)
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
     with precision.autocast(device, for_generation=True):

@@ -315,11 +315,14 @@ def parse_args(argv: list[str]):
     p.add_argument("--target_bpb", type=float, default=0.0,
                    help="the bpb for 'time to reach' (0: the worst variant's final eval bpb)")
     p.add_argument("--out", type=Path, default=Path("runs/ablate"), help="run directories")
-    p.add_argument("--doc", type=Path, default=Path("docs/ABLATIONS.md"), help="the report to write")
+    p.add_argument("--doc", type=Path, default=None,
+                   help="the report to write (default: OUT/ABLATIONS.md, beside the runs; the repository's own "
+                        "report is written with --doc docs/ABLATIONS.md)")
     p.add_argument("--dry_run", action="store_true", help="print the plan (variants, sizes) and stop")
     args, extra = p.parse_known_args(argv)
     profile = PROFILES[args.profile]
     args.preset = args.preset or profile["preset"]
+    args.doc = args.doc or args.out / "ABLATIONS.md"  # a user's first study must not overwrite the repository's
     args.seeds = profile["seeds"] if args.seeds is None else args.seeds
     args.minutes = profile["minutes"] if args.minutes is None else args.minutes
     if args.seeds < 1 or args.minutes <= 0 or args.tokens < 0:

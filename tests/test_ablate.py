@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import REPO, TINY_RUN
@@ -105,3 +106,11 @@ def test_the_report_names_the_code_of_every_run(monkeypatch, tmp_path):
                                text=True, cwd=REPO).stdout.strip()
     monkeypatch.chdir(tmp_path)  # the checkout the package lives in, wherever the study is started from
     assert ablate.source_commit() == (described or None)
+
+
+def test_a_users_study_writes_its_report_beside_its_runs_not_over_the_repositorys(tmp_path):
+    """The repository's docs/ABLATIONS.md is written only when asked for by name (its own command says so)."""
+    assert ablate.parse_args([]).doc == Path("runs/ablate/ABLATIONS.md")
+    assert ablate.parse_args(["--out", str(tmp_path)]).doc == tmp_path / "ABLATIONS.md"
+    assert ablate.parse_args(["--doc", "docs/ABLATIONS.md"]).doc == Path("docs/ABLATIONS.md")
+    assert "    python -m nanopalm.ablate --doc docs/ABLATIONS.md\n" in (REPO / "docs" / "ABLATIONS.md").read_text()

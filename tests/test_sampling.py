@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import load_script
 
 from nanopalm.errors import UserError
 from nanopalm.sampling import check_sampling_args, filter_logits, sample_next_token
@@ -145,3 +146,16 @@ def test_stream_with_the_gpt2_and_palm_tokenizers():
         pieces = stream_pieces(tok.decode, ids)
         assert "".join(pieces) == text, tok.name
         assert not any(REPLACEMENT_CHAR in piece for piece in pieces), tok.name
+
+
+def test_sample_py_says_when_the_prompt_is_cropped_to_the_window(eval_run, capsys):
+    """A prompt longer than block_size (128 here) is cropped by generate() to its last 128 tokens: said, not silent;
+    the whole prompt is still printed, and a prompt that fits gets no note."""
+    sample = load_script("sample.py").main
+    long_prompt = "ROMEO:\n" + "But, soft! what light through yonder window breaks?\n" * 6  # char tokens: 7 + 6 * 52
+    sample([f"--out_dir={eval_run}", f"--start={long_prompt}", "--max_new_tokens=3", "--device=cpu"])
+    out, err = capsys.readouterr()
+    assert out.startswith(long_prompt)
+    assert "note: the prompt is 319 tokens, longer than block_size=128: the model sees only its last 128 tokens" in err
+    sample([f"--out_dir={eval_run}", "--start=ROMEO:", "--max_new_tokens=3", "--device=cpu"])
+    assert "note:" not in capsys.readouterr().err
