@@ -101,7 +101,7 @@ def stream_sample(model: PaLM, tokenizer: Tokenizer, prompt_ids: list[int], args
     x = torch.tensor([prompt_ids], dtype=torch.long, device=generator.device)
     generate(
         model, x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        eot_id=tokenizer.eot_id, use_cache=not args.no_cache, generator=generator,
+        eot_id=tokenizer.eot_id, use_cache=not args.no_cache, generator=generator, vocab_size=tokenizer.vocab_size,
         on_token=lambda t: write(stream.push(t.tolist())),
     )
     write(stream.flush() + SEPARATOR)

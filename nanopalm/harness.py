@@ -178,7 +178,8 @@ class NanoPalmLM(TemplateLM):
 
         x = torch.tensor(prompts, device=self._device)
         with self.precision.autocast(self._device, for_generation=True):
-            generate(self.model, x, eot_id=self.eot_token_id, generator=generator, on_token=on_token, **settings)
+            generate(self.model, x, eot_id=self.eot_token_id, generator=generator, on_token=on_token,
+                     vocab_size=self.tokenizer.vocab_size, **settings)
         return [cut_at_stop(self.tokenizer.decode(tokens), until) for tokens in new]
 
 

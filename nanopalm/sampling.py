@@ -4,11 +4,15 @@ top-p)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from nanopalm.errors import UserError
 from nanopalm.model import PaLM
+
+if TYPE_CHECKING:
+    from nanopalm.tokenizer import Tokenizer
 
 
 def check_sampling_args(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> None:
@@ -68,12 +72,15 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     on_token: Callable[[torch.Tensor], bool | None] | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Append up to max_new_tokens sampled tokens to idx (B, T); returns (B, T + generated).
 
     temperature 0 is greedy. A sequence that emits eot_id is finished (padded with eot_id after);
     generation stops when all are. on_token(next_tokens) is called after every step (streaming); when it
     returns True, generation stops there (the caller's own stopping rule: the harness's stop strings).
+    vocab_size: sample only ids below it, the tokenizer's vocabulary. A model's may be padded (GPT-2's 50257 to
+    50304) and its padding ids decode to nothing.
 
     Context rule: the model sees a window of at most block_size tokens, positions counted from the
     window's start (RoPE only sees differences, so this loses nothing). A longer prompt is cropped to its
@@ -100,7 +107,7 @@ def generate(
             # With a cache only the tokens it has not seen go in: the whole window once, then one a step.
             logits = model(idx[:, start + cached:], pos=cached, last_only=True).logits
             cached = idx.shape[1] - start if use_cache else 0
-            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+            next_token = sample_next_token(logits[:, -1, :vocab_size], temperature, top_k, top_p, generator)
             if eot_id is not None:
                 next_token = torch.where(finished, eot_id, next_token)
                 finished |= next_token == eot_id
@@ -112,3 +119,16 @@ def generate(
     finally:
         model.clear_cache()
     return idx
+
+
+def generate_text(model: PaLM, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> str:
+    """The prompt and its continuation as text, stopped at the end-of-text token: generate() for one prompt
+    string, on the model's device (sample.py streams the same thing token by token)."""
+    device = next(model.parameters()).device
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    idx = torch.tensor([tokenizer.encode(prompt) or [tokenizer.eot_id]], device=device)
+    out = generate(model, idx, max_new_tokens, temperature, top_k, top_p, eot_id=tokenizer.eot_id,
+                   generator=generator, vocab_size=tokenizer.vocab_size)
+    ids = out[0].tolist()
+    return tokenizer.decode(ids[:-1] if ids[-1] == tokenizer.eot_id else ids)  # the stop token is not text

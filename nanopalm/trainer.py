@@ -344,7 +344,8 @@ class Trainer:
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
         self.raw_model.eval()
         with self.precision.autocast(self.device, for_generation=True):
-            out = generate(self.raw_model, idx, max_new_tokens, temperature=0.8, top_k=200, generator=generator)
+            out = generate(self.raw_model, idx, max_new_tokens, temperature=0.8, top_k=200, generator=generator,
+                           vocab_size=self.tokenizer.vocab_size)
         return self.tokenizer.decode(out[0].tolist())
 
     def _profiler(self):

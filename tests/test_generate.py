@@ -3,6 +3,7 @@
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -244,3 +245,29 @@ def test_sample_cli_errors_are_one_line_and_exit_2(run_dir, flags, message):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith(message) and "Traceback" not in result.stderr
+
+
+class PaddingLovingModel(torch.nn.Module):
+    """Logits that put the most weight on ids 77-79: the padding a model's vocabulary (80) has beyond its
+    tokenizer's (77), as GPT-2's 50304 has beyond 50257. A trained model gives such ids little but nonzero mass."""
+
+    config = SimpleNamespace(block_size=16)
+
+    def forward(self, idx, pos=0, last_only=False):
+        logits = torch.arange(80.0).repeat(idx.shape[0], idx.shape[1], 1)  # id 79 the likeliest, then 78, ...
+        return SimpleNamespace(logits=logits)
+
+    def setup_cache(self, *args):
+        pass
+
+    def clear_cache(self):
+        pass
+
+
+def test_generation_never_samples_an_id_the_tokenizer_cannot_decode():
+    model, prompt = PaddingLovingModel(), torch.zeros(4, 1, dtype=torch.long)
+    greedy = generate(model, prompt, 5, temperature=0.0, vocab_size=77)
+    assert greedy[:, 1:].eq(76).all()  # the likeliest id the tokenizer has
+    sampled = generate(model, prompt, 50, temperature=1.0, generator=torch.Generator().manual_seed(0), vocab_size=77)
+    assert sampled.max() < 77 and sampled[:, 1:].unique().numel() > 3
+    assert generate(model, prompt, 5, temperature=0.0)[:, 1:].eq(79).all()  # what it did before (no vocab_size)
