@@ -54,8 +54,10 @@ def check_dir(path: str | Path, flag: str) -> Path:
         return ensure_dir(path, flag)
     finally:
         for level in missing:  # deepest first; only what the probe created, all empty
-            if level.is_dir():
+            try:
                 level.rmdir()
+            except OSError:  # the ranks of one job probe the same path at once: another removed it, or uses it
+                pass
 
 
 def ensure_dir(path: str | Path, flag: str) -> Path:

@@ -238,3 +238,29 @@ def test_every_file_of_a_run_has_the_mode_its_umask_gives(run_with_checkpoints):
              if p.is_file()}
     assert "checkpoints/step_00000020/model.safetensors" in modes and "config.json" in modes
     assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
+def test_probing_an_output_directory_tolerates_another_rank_probing_it_at_once(tmp_path, monkeypatch):
+    """Every rank of a job checks --out_dir at start (atomic.check_dir makes it, then removes what it made). When
+    another rank's probe removed it first, or already uses it, this rank's probe neither fails nor removes it."""
+    from nanopalm import atomic
+
+    target = tmp_path / "a" / "run"
+    make = atomic.ensure_dir
+
+    def others_probe_removed_it(path, flag):
+        made = make(path, flag)
+        target.rmdir()  # the other rank's probe, between this one's mkdir and its cleanup
+        return made
+
+    monkeypatch.setattr(atomic, "ensure_dir", others_probe_removed_it)
+    assert atomic.check_dir(target, "--out_dir") == target and not (tmp_path / "a").exists()
+
+    def another_rank_uses_it(path, flag):
+        made = make(path, flag)
+        (target / "config.json").write_text("{}")  # the other rank already writes into it
+        return made
+
+    monkeypatch.setattr(atomic, "ensure_dir", another_rank_uses_it)
+    atomic.check_dir(target, "--out_dir")
+    assert (target / "config.json").is_file()
