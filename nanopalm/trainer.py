@@ -86,8 +86,8 @@ class Trainer:
         self.dist, self.device = D.init_distributed(pick_device(t.device), t.fsdp)
         self.precision = pick_precision(t.dtype, self.device, self.dist.sharded, t.tf32)
         self.out_dir = check_dir(t.out_dir, "--out_dir")  # a bad path fails now; made once the run starts
-        D.barrier(self.dist)  # every rank's probe done before any rank makes the directory
         D.check_divisible(t.gradient_accumulation_steps, self.dist)
+        D.barrier(self.dist)  # every rank's probe done before any rank makes the directory
         self.data_dir = prepared_dataset(t.dataset, self.dist)
         self.data_meta = load_meta(self.data_dir)
         self.tokenizer_sha256 = tokenizer_fingerprint(self.data_dir)  # read once: every checkpoint records it

@@ -72,7 +72,9 @@ def test_consolidation_gives_the_one_process_file_checkpoint_of_the_same_run(one
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
     written = ckpt.checkpoint_dir(out, 12)
-    assert result.stdout == f"wrote {written}; to sample from it: python sample.py --out_dir={out}\n"
+    assert result.stdout.splitlines() == [  # what it reads and writes, said before the wait
+        f"reading {shards / 'checkpoints' / 'step_00000012'} (0.00 GiB, every rank's shards) into memory...",
+        f"writing {written}...", f"wrote {written}; to sample from it: python sample.py --out_dir={out}"]
     assert_bitwise(state(written), state(ckpt.checkpoint_dir(one_process, 12)))
     model, found = ckpt.load_model(out)
     assert found.path == written and (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
