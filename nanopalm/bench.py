@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from nanopalm.device import Precision
 from nanopalm.distributed import DistInfo, build_model
 from nanopalm.errors import UserError
 from nanopalm.memory import Estimate, Setup, estimate, measure
-from nanopalm.model import PaLM, PaLMConfig
+from nanopalm.model import PaLM, PaLMConfig, lm_losses
 from nanopalm.optim import OptimConfig, build_optimizer
 from nanopalm.sampling import generate
 
@@ -132,19 +131,6 @@ def peak_bytes_of(fn: Callable[[], object], device: torch.device) -> int | None:
     return peak
 
 
-def full_logits_losses(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -> torch.Tensor:
-    """The training loss as the output layer computed it before nanopalm/fused.py (commit 46aace1): all
-    the logits at once, one log_softmax for both the cross-entropy and the z-loss. The memory benchmark's
-    "before"."""
-    logits = logits.float().flatten(0, -2)
-    targets = targets.flatten()
-    mask = (targets != -1).float()
-    index = targets.clamp_min(0)[:, None]
-    target_log_probs = F.log_softmax(logits, dim=-1).gather(-1, index).squeeze(-1)
-    log_z = logits.gather(-1, index).squeeze(-1) - target_log_probs  # log p = logit - log Z
-    return (-(target_log_probs * mask).sum() + z_loss * (log_z.square() * mask).sum()) / mask.sum()
-
-
 @dataclasses.dataclass
 class TrainBench:
     """One model being timed: full optimizer steps (forward, backward, clip, AdamW) on a fixed batch."""
@@ -157,14 +143,15 @@ class TrainBench:
     dtype: torch.dtype
     activation_checkpointing: str = "none"
     peak_bytes: int = 0
-    output_layer: Literal["chunked", "full"] = "chunked"  # full: full_logits_losses, for the memory benchmark
+    output_layer: Literal["chunked", "full"] = "chunked"  # full: all the logits, model.lm_losses (memory benchmark)
 
     def forward_backward(self) -> None:
         with Precision(self.dtype).autocast(self.x.device):
             if self.output_layer == "chunked":
                 loss = self.model(self.x, self.y).loss
             else:
-                loss = full_logits_losses(self.model(self.x).logits, self.y, self.model.config.z_loss)
+                # (no name for the logits: a local would hold all of them through the backward)
+                loss = lm_losses(self.model(self.x).logits.flatten(0, 1), self.y.flatten(), self.model.config.z_loss)[0]
         loss.backward()
 
     def update(self) -> None:

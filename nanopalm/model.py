@@ -1,5 +1,6 @@
-"""The PaLM model, in one file you can read top to bottom. It imports nothing but PyTorch and fused.py
-(the output layer's loss, itself PyTorch only), so the two files can be copied out together.
+"""The PaLM model, in one file you can read top to bottom. Every piece of its math is here in plain PyTorch;
+fused.py holds faster drop-ins for two of them (the output layer's loss, and the elementwise work after a
+block's input matmul), switched by PaLMConfig.fused and tested equal to the plain lines here.
 
 PaLM (Chowdhery et al. 2022, Section 2) is a decoder-only transformer with a handful of changes to GPT:
   - a *parallel* block: y = x + Attention(LN(x)) + MLP(LN(x)), one LayerNorm, one fused input matmul;
@@ -22,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanopalm.fused import linear_cross_entropy, split_projection
+from nanopalm.fused import linear_cross_entropy, split_projection  # the drop-ins (PaLMConfig.fused)
 
 
 @dataclass
@@ -45,6 +46,8 @@ class PaLMConfig:
     bias: bool = field(default=False, metadata={"help": "biases in linear layers and LayerNorm (GPT-2)"})
     tie_embeddings: bool = field(default=True, metadata={"help": "share input and output embeddings"})
     init: Literal["palm", "gpt2"] = field(default="palm", metadata={"help": "palm (fan-in, E~N(0,1)) | gpt2"})
+    fused: bool = field(default=True, metadata={"help": "fused.py's drop-ins: the same math in less memory and time "
+                                                        "(docs/BENCHMARKS.md); False = model.py's plain lines"})
 
     def __post_init__(self) -> None:
         """Fill in the derived sizes and refuse shapes that cannot work (ValueError, saying how to fix it)."""
@@ -90,20 +93,13 @@ class LayerNorm(nn.Module):
 
 
 class FusedLinear(nn.Linear):
-    """One matmul computing several projections of the same input; returns them split, each with its
-    elementwise function applied (nanopalm/fused.py): q and k rotated by RoPE and in heads, v in heads,
-    the MLP's SwiGLU or GELU activation.
+    """Several projections of one input stacked into ONE matmul (PaLM Section 2: the parallel block's q, k, v
+    and MLP inputs). `splits` names the logical matrices stacked in the weight's rows, in order: the blocks
+    cut the output by it, and PaLM's Adafactor scales each logical matrix by its own RMS, not the stack's."""
 
-    `splits` names the logical matrices stacked in the weight's rows (q, k, v, gate, up). The optimizer
-    reads it too: PaLM's Adafactor scales each logical matrix by its own RMS, not the fused tensor's.
-    """
-
-    def __init__(self, d_in: int, splits: dict[str, int], bias: bool, head_dim: int = 0) -> None:
+    def __init__(self, d_in: int, splits: dict[str, int], bias: bool) -> None:
         super().__init__(d_in, sum(splits.values()), bias=bias)
-        self.splits, self.head_dim = splits, head_dim
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple:
-        return split_projection(super().forward(x), self.splits, self.head_dim, rope)
+        self.splits = splits
 
 
 def rope_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,6 +112,18 @@ def rope_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, 
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE (Su et al. 2021; PaLM Section 2) on x (B, heads, T, D): each pair (a, b) = (x_i, x_{i + D/2})
+    turns by its position's angle, (a, b) -> (a cos - b sin, b cos + a sin); cos, sin (T, D/2)."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+
+def to_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(B, T, n * D) -> (B, n, T, D)."""
+    return x.unflatten(-1, (-1, head_dim)).transpose(1, 2)
 
 
 class KVCache(nn.Module):
@@ -147,8 +155,15 @@ class Attention(nn.Module):
         self.out = nn.Linear(c.n_head * c.head_dim, c.d_model, bias=c.bias)
         self.cache: KVCache | None = None  # set by PaLM.setup_cache for generation
 
+    def heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope) -> tuple[torch.Tensor, ...]:
+        """The projections (B, T, H * D), (B, T, K * D) twice as heads, q and k rotated by RoPE when given."""
+        q, k, v = (to_heads(t, self.head_dim) for t in (q, k, v))
+        if rope is not None:  # positions enter through q and k alone (RoPE, Section 2)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> torch.Tensor:
-        """q (B, H, T, D), k and v (B, K, T, D), RoPE already applied (FusedLinear) -> (B, T, C)."""
+        """q (B, H, T, D), k and v (B, K, T, D), as heads() makes them -> (B, T, C)."""
         B, _, T, _ = q.shape
         mask = None
         if self.cache is not None:
@@ -165,7 +180,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     """SwiGLU, Swish(x W) * (x V) then W2 (Shazeer 2020; PaLM Section 2), or GPT-2's GELU(x W) then W2.
-    The input matrices live in the block's fused projection, which applies the activation too."""
+    The input matrices live in the block's fused projection."""
 
     def __init__(self, c: PaLMConfig) -> None:
         super().__init__()
@@ -175,6 +190,13 @@ class MLP(nn.Module):
     def input_splits(self, c: PaLMConfig) -> dict[str, int]:
         """The input matrices this MLP needs, for the block's fused projection."""
         return {"gate": c.d_ff, "up": c.d_ff} if self.swiglu else {"up": c.d_ff}
+
+    def activation(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            gate, up = inputs
+            return F.silu(gate) * up  # SwiGLU: Swish(x W) * (x V); silu is Swish with beta = 1
+        (up,) = inputs
+        return F.gelu(up, approximate="tanh")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, d_ff), activated
         return self.out(hidden)
@@ -191,12 +213,19 @@ class ParallelBlock(nn.Module):
         self.norm = LayerNorm(c.d_model, c.bias)
         self.attn, self.mlp = Attention(c), MLP(c)
         qkv = {"q": c.n_head * c.head_dim, "k": c.n_kv_head * c.head_dim, "v": c.n_kv_head * c.head_dim}
-        self.in_proj = FusedLinear(c.d_model, qkv | self.mlp.input_splits(c), bias=c.bias, head_dim=c.head_dim)
+        self.in_proj = FusedLinear(c.d_model, qkv | self.mlp.input_splits(c), bias=c.bias)
         self.drop = nn.Dropout(c.dropout)
+        self.head_dim, self.fused = c.head_dim, c.fused
 
     def forward(self, x: torch.Tensor, rope, pos: int = 0) -> torch.Tensor:
-        q, k, v, hidden = self.in_proj(self.norm(x), rope)
-        return x + self.drop(self.attn(q, k, v, pos) + self.mlp(hidden))
+        h = self.in_proj(self.norm(x))  # (B, T, q | k | v | gate | up): one matmul for both branches
+        if self.fused:  # fused.py: the same pieces, fewer passes over h and a backward without concatenations
+            q, k, v, hidden = split_projection(h, self.in_proj.splits, self.head_dim, rope)
+        else:
+            q, k, v, *mlp_in = h.split(list(self.in_proj.splits.values()), dim=-1)
+            q, k, v = self.attn.heads(q, k, v, rope)  # (B, H, T, D) and (B, 1, T, D): multi-query
+            hidden = self.mlp.activation(*mlp_in)  # silu(gate) * up
+        return x + self.drop(self.attn(q, k, v, pos) + self.mlp(hidden))  # the parallel sum
 
 
 class SerialBlock(nn.Module):
@@ -207,13 +236,24 @@ class SerialBlock(nn.Module):
         self.norm1, self.norm2 = LayerNorm(c.d_model, c.bias), LayerNorm(c.d_model, c.bias)
         self.attn, self.mlp = Attention(c), MLP(c)
         qkv = {"q": c.n_head * c.head_dim, "k": c.n_kv_head * c.head_dim, "v": c.n_kv_head * c.head_dim}
-        self.in_proj = FusedLinear(c.d_model, qkv, bias=c.bias, head_dim=c.head_dim)
+        self.in_proj = FusedLinear(c.d_model, qkv, bias=c.bias)
         self.mlp_in = FusedLinear(c.d_model, self.mlp.input_splits(c), bias=c.bias)
         self.drop = nn.Dropout(c.dropout)
+        self.head_dim, self.fused = c.head_dim, c.fused
 
     def forward(self, x: torch.Tensor, rope, pos: int = 0) -> torch.Tensor:
-        x = x + self.drop(self.attn(*self.in_proj(self.norm1(x), rope), pos))
-        return x + self.drop(self.mlp(*self.mlp_in(self.norm2(x))))
+        h = self.in_proj(self.norm1(x))
+        if self.fused:
+            q, k, v = split_projection(h, self.in_proj.splits, self.head_dim, rope)
+        else:
+            q, k, v = self.attn.heads(*h.split(list(self.in_proj.splits.values()), dim=-1), rope)
+        x = x + self.drop(self.attn(q, k, v, pos))
+        h = self.mlp_in(self.norm2(x))
+        if self.fused:
+            (hidden,) = split_projection(h, self.mlp_in.splits, self.head_dim, None)
+        else:
+            hidden = self.mlp.activation(*h.split(list(self.mlp_in.splits.values()), dim=-1))
+        return x + self.drop(self.mlp(hidden))
 
 
 def normal_(param: torch.Tensor, std: float) -> None:
@@ -227,6 +267,17 @@ def normal_(param: torch.Tensor, std: float) -> None:
 
     whole = torch.empty(param.shape, dtype=param.dtype, device=param.device).normal_(std=std)
     param.copy_(distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None))
+
+
+def lm_losses(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training loss, cross-entropy) of logits (N, vocab) against targets (N,), -1 = not counted (Section 5):
+    the LM log-likelihood with no label smoothing, plus z_loss * log^2 Z, which pushes log Z toward 0."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # the softmax in fp32 at least (bf16)
+    counted, index = targets != -1, targets.clamp_min(0)[:, None]
+    target_log_prob = F.log_softmax(logits, dim=-1).gather(-1, index).squeeze(-1)  # log p(target)
+    log_z = logits.gather(-1, index).squeeze(-1) - target_log_prob  # log p = logit - log Z
+    ce = -target_log_prob[counted].mean()
+    return ce + z_loss * log_z[counted].square().mean(), ce
 
 
 class LMOutput(NamedTuple):
@@ -324,8 +375,12 @@ class PaLM(nn.Module):
             x = x * c.d_model ** -0.5  # C-wide input is vocab/C times cheaper than scaling the logits
         if targets is None:
             return LMOutput(F.linear(x, self.output_weight()), None, None)
-        loss, ce = linear_cross_entropy(x.reshape(B * T, -1), self.output_weight(), targets.reshape(-1), c.z_loss)
-        return LMOutput(None, loss, ce)
+        x, targets = x.reshape(B * T, -1), targets.reshape(-1)
+        if c.fused:  # fused.py: the same two losses a chunk of tokens at a time, never all the logits at once
+            loss, ce = linear_cross_entropy(x, self.output_weight(), targets, c.z_loss)
+            return LMOutput(None, loss, ce)
+        loss, ce = lm_losses(F.linear(x, self.output_weight()), targets, c.z_loss)  # (B*T, vocab) logits
+        return LMOutput(None, loss, ce.detach())
 
     def setup_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> None:
         """Give every attention layer a KV cache for `batch_size` sequences, in `dtype` (default: the
@@ -339,4 +394,5 @@ class PaLM(nn.Module):
             block.attn.cache = None
 
 
-__all__ = ["PaLMConfig", "PaLM", "LMOutput", "KVCache", "FusedLinear", "rope_tables"]
+__all__ = ["PaLMConfig", "PaLM", "LMOutput", "KVCache", "FusedLinear", "rope_tables", "apply_rope", "to_heads",
+           "lm_losses"]

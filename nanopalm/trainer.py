@@ -53,15 +53,16 @@ def nvtx(name: str, device: torch.device):
 
 def effective_config(cfg: RunConfig, start: StartPoint | None) -> tuple[RunConfig, list[str]]:
     """The config a run trains with: the one given, with the architecture of the checkpoint it starts from
-    (resumed or finetuned), whose dropout the run may change (PaLM finetunes with 0.1). Also returns each
-    given model key that the checkpoint overrides, as `key=given (checkpoint: value)`."""
+    (resumed or finetuned), whose dropout and fused switch the run may change (PaLM finetunes with dropout 0.1;
+    fused is how the model computes, not what). Also returns each given model key that the checkpoint
+    overrides, as `key=given (checkpoint: value)`."""
     if start is None:
         return cfg, []
     saved = start.checkpoint.config()
     if start.resume and saved.optim.optimizer != cfg.optim.optimizer:
         raise UserError(f"the run was trained with --optimizer={saved.optim.optimizer}, not {cfg.optim.optimizer}: "
                         f"resume with the same optimizer, or start a new run from its weights with --init_from")
-    model = dataclasses.replace(saved.model, dropout=cfg.model.dropout)
+    model = dataclasses.replace(saved.model, dropout=cfg.model.dropout, fused=cfg.model.fused)  # not architecture
     overridden = [f"{f.name}={getattr(cfg.model, f.name)!r} (checkpoint: {getattr(model, f.name)!r})"
                   for f in dataclasses.fields(model) if getattr(cfg.model, f.name) != getattr(model, f.name)]
     return dataclasses.replace(cfg, model=model), overridden

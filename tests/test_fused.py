@@ -1,28 +1,26 @@
-"""nanopalm/fused.py against the unfused computations, written here from first principles: the same values
-and gradients in fp32 (to float rounding), in bf16 autocast (to bf16 rounding) and against finite
-differences in float64; the output layer never holds all the logits and does no gradient work in eval."""
+"""nanopalm/fused.py, the drop-in for two pieces of model.py, against model.py's own plain lines (the model's
+`fused=False` path): the same values and gradients in fp32 (to float rounding), in bf16 autocast (to bf16
+rounding) and against finite differences in float64; the output layer never holds all the logits and does no
+gradient work in eval. The plain lines themselves are checked against torch's own ops and first principles in
+tests/test_model.py."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from nanopalm.bench import full_logits_losses, peak_bytes_of
+from nanopalm.bench import peak_bytes_of
 from nanopalm.distributed import compile_blocks
 from nanopalm.fused import apply_rope, linear_cross_entropy, split_projection
-from nanopalm.model import PaLM, PaLMConfig, rope_tables
+from nanopalm.model import MLP, Attention, PaLM, PaLMConfig, lm_losses, rope_tables
 
 # ------------------------------------------------------------------------------------- the output layer
 
 
 def reference_losses(x, weight, targets, z_loss):
-    """All the logits, log Z by logsumexp, cross-entropy and z-loss averaged over the counted targets."""
-    logits = (x @ weight.T).float()
-    log_z = torch.logsumexp(logits, dim=-1)
-    counted = targets != -1
-    target_logit = logits.gather(-1, targets.clamp_min(0)[:, None]).squeeze(-1)
-    ce = (log_z - target_logit)[counted].mean()
-    return ce + z_loss * log_z[counted].square().mean(), ce
+    """model.py's plain output layer: all the logits x W^T at once, then lm_losses."""
+    return lm_losses(x @ weight.T, targets, z_loss)
 
 
 def output_layer_inputs(n=37, c=16, v=50, dtype=torch.float32, seed=0):
@@ -167,10 +165,32 @@ def test_output_layer_takes_the_max_only_when_exp_could_overflow(size):
     assert ops.ops.count("amax") == (4 if size > 1 else 0)
 
 
-def test_the_memory_benchmarks_full_logits_loss_is_the_same_loss():
-    x, weight, targets = output_layer_inputs()
-    torch.testing.assert_close(full_logits_losses(x @ weight.T, targets, 1e-4),
-                               linear_cross_entropy(x, weight, targets, 1e-4)[0])
+# ----------------------------------------------------------------------------- the switch, end to end
+
+@pytest.mark.parametrize("overrides", [
+    {},  # PaLM: parallel, SwiGLU, multi-query, RoPE
+    {"parallel_block": False, "mlp": "gelu", "pos_emb": "learned", "n_kv_head": 4, "bias": True},  # GPT-2's
+    {"n_kv_head": 2, "head_dim": 12, "tie_embeddings": False, "logit_scale": False},
+], ids=["palm", "gpt2", "gqa-untied"])
+def test_fused_is_a_drop_in_for_the_models_plain_lines(overrides):
+    """PaLMConfig.fused swaps fused.py in for model.py's plain lines: the same loss, cross-entropy and gradient
+    of every parameter, in fp32 to float rounding."""
+    torch.manual_seed(0)
+    config = dict(vocab_size=96, block_size=16, n_layer=2, n_head=4, d_model=32, d_ff=48, dropout=0.0, z_loss=1e-3)
+    fused, plain = PaLM(PaLMConfig(**config, **overrides, fused=True)), PaLM(PaLMConfig(**config, **overrides,
+                                                                                       fused=False))
+    plain.load_state_dict(fused.state_dict())
+    idx, targets = torch.randint(0, 96, (3, 16)), torch.randint(0, 96, (3, 16))
+    targets[0, :5] = -1
+    results = []
+    for model in (fused, plain):
+        out = model(idx, targets)
+        out.loss.backward()
+        results.append((out.loss.detach(), out.ce, {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-6)
+    for name, grad in results[1][2].items():
+        torch.testing.assert_close(results[0][2][name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 # --------------------------------------------------------------------- the fused projection's pieces
@@ -179,24 +199,15 @@ HEAD = 8
 
 
 def reference_pieces(h, splits, rope):
-    """The pieces as the model computed them before fused.py: split, heads, RoPE by concatenation, activation."""
-    B, T, _ = h.shape
+    """model.py's plain lines for the pieces of h (the blocks' `fused=False` branch): Attention.heads (heads, and
+    RoPE on q and k) and MLP.activation (SwiGLU or GELU), called on stand-ins for the modules."""
     pieces = dict(zip(splits, h.split(list(splits.values()), dim=-1), strict=True))
     out = []
     if "q" in pieces:
-        q, k, v = (pieces[name].view(B, T, -1, HEAD).transpose(1, 2) for name in "qkv")
-        if rope is not None:
-            cos, sin = (torch.cat([t, t], dim=-1) for t in rope)  # full-width tables, as they were
-
-            def rotate(x):
-                x1, x2 = x.chunk(2, dim=-1)
-                return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-            q, k = rotate(q), rotate(k)
-        out += [q, k, v]
-    if "gate" in pieces:
-        out.append(F.silu(pieces["gate"]) * pieces["up"])
-    elif "up" in pieces:
-        out.append(F.gelu(pieces["up"], approximate="tanh"))
+        out += Attention.heads(SimpleNamespace(head_dim=HEAD), pieces["q"], pieces["k"], pieces["v"], rope)
+    if "up" in pieces:
+        mlp_inputs = [pieces[name] for name in ("gate", "up") if name in pieces]
+        out.append(MLP.activation(SimpleNamespace(swiglu="gate" in pieces), *mlp_inputs))
     return out
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from nanopalm.config import model_config, model_presets
-from nanopalm.fused import apply_rope, linear_cross_entropy
-from nanopalm.model import PaLM, PaLMConfig, rope_tables
+from nanopalm.fused import linear_cross_entropy
+from nanopalm.model import PaLM, PaLMConfig, apply_rope, lm_losses, rope_tables
 from nanopalm.variants import gpt2_config, param_count
 
 MODEL_PRESETS = model_presets()
@@ -51,6 +51,21 @@ def test_rope_preserves_norm_and_is_relative():
         for shift in (1, 17):
             assert score(m, n) == pytest.approx(score(m + shift, n + shift), rel=1e-4, abs=1e-4)
     assert score(5, 2) != pytest.approx(score(6, 2), rel=1e-3)
+
+
+def test_rope_is_the_complex_rotation_of_each_pair():
+    """Pair i = (x_i, x_{i+D/2}) as the complex number x_i + i x_{i+D/2}, multiplied by e^{i p theta_i} with
+    theta_i = 10000^(-2i/D) (Su et al. 2021): an independent statement of what apply_rope computes."""
+    torch.manual_seed(0)
+    D, T = 8, 5
+    x = torch.randn(2, 3, T, D, dtype=torch.float64)
+    cos, sin = rope_tables(D, T, 10000.0)
+    theta = 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * theta
+    turn = torch.polar(torch.ones_like(angles), angles)
+    expected = torch.complex(x[..., :D // 2], x[..., D // 2:]) * turn
+    got = apply_rope(x, cos.double(), sin.double())
+    torch.testing.assert_close(got, torch.cat([expected.real, expected.imag], dim=-1), rtol=1e-6, atol=1e-6)
 
 
 def test_mqa_has_one_kv_head_and_equals_mha_with_copied_heads():
@@ -113,19 +128,38 @@ def test_logits_are_scaled_by_inverse_sqrt_d_model():
     torch.testing.assert_close(scaled(idx).logits, unscaled(idx).logits / math.sqrt(32))
 
 
-def test_z_loss_on_a_hand_computed_case():
+@pytest.mark.parametrize("losses", [lambda x, w, t, z_loss: lm_losses(x @ w.T, t, z_loss), linear_cross_entropy],
+                         ids=["model.lm_losses", "fused.linear_cross_entropy"])
+def test_z_loss_on_a_hand_computed_case(losses):
     # logits = x @ eye: [0, ln 3] and [1, 1], so Z = 4 and Z = 2e
     x = torch.tensor([[0.0, math.log(3.0)], [1.0, 1.0]], dtype=torch.float64)
     eye = torch.eye(2, dtype=torch.float64)
-    total, ce = linear_cross_entropy(x, eye, torch.tensor([0, 1]), z_loss=1e-4)
+    total, ce = losses(x, eye, torch.tensor([0, 1]), z_loss=1e-4)
     ce_expected = (math.log(4.0) + math.log(2.0)) / 2  # -log(1/4), -log(1/2)
     z_expected = 1e-4 * (math.log(4.0) ** 2 + (1 + math.log(2.0)) ** 2) / 2
     assert ce.item() == pytest.approx(ce_expected, rel=1e-6)
     assert (total - ce).item() == pytest.approx(z_expected, rel=1e-4)
     # Ignored targets (-1) count in neither term.
-    total_ign, ce_ign = linear_cross_entropy(x, eye, torch.tensor([0, -1]), z_loss=1e-4)
+    total_ign, ce_ign = losses(x, eye, torch.tensor([0, -1]), z_loss=1e-4)
     assert ce_ign.item() == pytest.approx(math.log(4.0), rel=1e-6)
     assert (total_ign - ce_ign).item() == pytest.approx(1e-4 * math.log(4.0) ** 2, rel=1e-4)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_models_loss_is_torchs_cross_entropy_plus_the_z_loss(fused):
+    """PaLM.forward's loss against torch's own ops on its logits: F.cross_entropy, and z_loss * mean log^2 Z
+    over the counted targets (PaLM Section 5); ce is the cross-entropy alone."""
+    torch.manual_seed(0)
+    model = PaLM(tiny(z_loss=0.1, fused=fused)).eval()
+    idx, targets = torch.randint(0, 64, (2, 12)), torch.randint(0, 64, (2, 12))
+    targets[:, :3] = -1
+    out, logits = model(idx, targets), model(idx).logits.flatten(0, 1)
+    counted = targets.flatten() != -1
+    ce = torch.nn.functional.cross_entropy(logits, targets.flatten(), ignore_index=-1)
+    torch.testing.assert_close(out.ce, ce, rtol=1e-5, atol=1e-6)
+    z = 0.1 * logits.logsumexp(dim=-1)[counted].square().mean()
+    torch.testing.assert_close(out.loss - out.ce, z, rtol=1e-4, atol=1e-6)
+    assert z > 1e-3  # the z-loss term is really there
 
 
 @pytest.mark.parametrize("overrides", [{}, {"parallel_block": False, "mlp": "gelu", "pos_emb": "learned",

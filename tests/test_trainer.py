@@ -227,6 +227,9 @@ def test_finetune_starts_from_trained_weights_with_a_fresh_optimizer(tiny_run, t
     assert given.model.n_layer == 7  # the parsed config itself is never changed
     assert not trainer.optimizer.state  # fresh optimizer
     assert trainer.evaluate() == pytest.approx(base["val_loss"], rel=1e-6)
+    plain = Trainer(tiny_run("plain", init_from=str(tmp_path / "base"), fused=False))  # how, not what: allowed
+    assert plain.cfg.model.fused is False and not plain.raw_model.blocks[0].fused
+    assert plain.evaluate() == pytest.approx(base["val_loss"], rel=1e-5)  # model.py's plain lines, same loss
 
 
 def test_the_batch_ramp_multiplies_the_sequences_per_step(tiny_run, tmp_path):
