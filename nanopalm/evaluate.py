@@ -27,7 +27,6 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,11 +38,8 @@ from nanopalm.checkpoint import Checkpoint, load_model_and_tokenizer
 from nanopalm.data import read_token_file, resolve_dataset
 from nanopalm.device import Precision, inference_precision, pick_device
 from nanopalm.errors import UserError
-from nanopalm.prepare import check_utf8
+from nanopalm.textfiles import check_utf8
 from nanopalm.tokenizer import Tokenizer, tokenizer_fingerprint
-
-if TYPE_CHECKING:
-    from nanopalm.trainer import Trainer
 
 
 # ---- windows ---------------------------------------------------------------------------------------
@@ -258,31 +254,3 @@ def evaluate_run(run: str, split: str = "val", texts: dict[str, str] | None = No
                   parameters=model.num_params(), seconds=round(time.perf_counter() - started, 2))
     print(describe("all files" if texts else f"{split} split", score))
     return result
-
-
-# ---- the end of training ---------------------------------------------------------------------------
-def record_val_bpb_full(trainer: Trainer) -> dict | None:
-    """After training: score the final model on the whole val split and log `val_bpb_full` (with
-    val_loss_full, val_tokens_full, val_bytes_full) to metrics.jsonl, when the split has at most
-    full_val_tokens tokens (0 = never). Under torchrun every rank scores its share of the windows (DDP and
-    FSDP2 alike) and only rank 0 prints and writes. Returns the logged row (None when skipped)."""
-    t, info = trainer.cfg.train, trainer.dist
-    val_tokens = trainer.data_meta["val_tokens"]
-    if not t.full_val_tokens or val_tokens > t.full_val_tokens:
-        if t.full_val_tokens and info.is_main:
-            print(f"whole-val evaluation skipped: the val split has {val_tokens:,} tokens, more than "
-                  f"full_val_tokens={t.full_val_tokens:,} (raise it, or run eval.py)", flush=True)
-        return None
-    started = time.perf_counter()
-    if info.is_main:  # tens of seconds on a CPU: say what the wait is for (the bar, on stderr, follows)
-        print(f"scoring the whole val split ({val_tokens:,} tokens) for val_bpb_full...", flush=True)
-    scorer = Scorer(trainer.model, trainer.cfg.model.block_size, t.batch_size, trainer.device, trainer.precision,
-                    info=info)
-    score = scorer.split(trainer.tokenizer, trainer.data_dir, "val", progress=True)
-    row = {"step": trainer.state.step, "tokens": trainer.state.tokens, "val_loss_full": score.loss,
-           "val_bpb_full": score.bits_per_byte, "val_tokens_full": score.tokens, "val_bytes_full": score.bytes}
-    trainer.logger.log(row)
-    if info.is_main:
-        print(f"step {trainer.state.step:6d} | {describe('whole val split', score)} | "
-              f"{time.perf_counter() - started:.1f} s", flush=True)
-    return row

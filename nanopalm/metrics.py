@@ -52,12 +52,12 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 class MetricsLogger:
     """One JSON object per line in out_dir/metrics.jsonl, plus optional TensorBoard and wandb.
 
-    start_step: the step the run starts from (the checkpoint's for a resumed run); rows of an earlier
-    attempt past it are dropped, a new run (start_step -1) starts an empty file.
+    resumed_at: the step of the checkpoint a resumed run starts from, whose earlier rows past it are dropped;
+    None for a new run, which starts an empty file.
     """
 
     def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, wandb_project: str, config: dict,
-                 start_step: int = -1):
+                 resumed_at: int | None = None):
         self.enabled = enabled
         self.tb = self.wandb = None
         if not enabled:
@@ -65,7 +65,7 @@ class MetricsLogger:
         self.out_dir = Path(out_dir)
         self.file = None
         # A resumed run replays the steps after its checkpoint: dropping their old rows keeps every step once.
-        self.rewind(start_step)
+        self.rewind(-1 if resumed_at is None else resumed_at)  # a new run keeps no row
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

