@@ -13,6 +13,7 @@ import math
 import signal
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -72,9 +73,8 @@ class Trainer:
         t = cfg.train
         self.dist, self.device = D.init_distributed(pick_device(t.device), t.fsdp)
         self.precision = pick_precision(t.dtype, self.device, self.dist.sharded, t.tf32)
-        self.out_dir = check_dir(t.out_dir, "--out_dir")  # a bad path fails now; made once the run starts
         D.check_divisible(t.gradient_accumulation_steps, self.dist)
-        D.barrier(self.dist)  # every rank's probe done before any rank makes the directory
+        self.out_dir = self._check_out_dir(t.out_dir)
         self.data_dir = shakespeare.resolve_or_prepare(t.dataset, self.dist.is_main, lambda: D.barrier(self.dist))
         self.data_meta = load_meta(self.data_dir)
         self.tokenizer_sha256 = tokenizer_fingerprint(self.data_dir)  # read once: every checkpoint records it
@@ -126,6 +126,21 @@ class Trainer:
             print(f"{self.raw_model.num_params():,} parameters on {self.device} ({dtype}), "
                   f"{t.batch_size * t.gradient_accumulation_steps * block:,} tokens a step, "
                   f"{self.dist.world_size} rank(s)", flush=True)
+
+    def _check_out_dir(self, out_dir: str) -> Path:
+        """--out_dir, checked now (a bad path fails before any work) and made only once the run starts. Rank 0
+        probes it (the ranks' probes at once would race, one removing what another just made) and every rank
+        raises its one-line error."""
+        problem = None
+        if self.dist.is_main:
+            try:
+                check_dir(out_dir, "--out_dir")
+            except UserError as e:
+                problem = str(e)
+        problems = [p for p in D.all_gather(problem, self.dist) if p]
+        if problems:
+            raise UserError(problems[0])
+        return Path(out_dir).expanduser()
 
     def _record_config(self) -> None:
         """RUN/config.json, what `--resume` continues: written when the run starts, and again only when a resume
