@@ -2,12 +2,12 @@
 of the model and of the optimizer state, all ranks at once, and any number of ranks, or one process, reads
 them back, each rank reading just the pieces its own shards need (DCP reshards on load: 2 ranks -> 1, 2 -> 4).
 
-This module is the sharded format: which state goes into the files and how it comes back
-(save_checkpoint and load_checkpoint, which checkpoint.Checkpointer calls), and its consolidation into the
-single-file format (`python -m nanopalm.checkpoint consolidate RUN`). checkpoint.py does the rest as for
-the single-file format: the temporary directory renamed into place, a SHA-256 per file in meta.json,
-keep_last and the best one. Only tensors go through DCP; the optimizer's hyperparameters and the grad
-scaler's state travel in trainer.pt, written by rank 0 and read with torch.load(weights_only=True).
+This module is the sharded format: which state goes into the files and how it comes back (state_to_save,
+write, load, read_whole, which checkpoint.py's Checkpointer and consolidation call; it imports nothing of
+checkpoint.py). checkpoint.py does the rest as for the single-file format: the temporary directory renamed
+into place, a SHA-256 per file in meta.json, keep_last and the best one. Only tensors go through DCP; the
+optimizer's hyperparameters and the grad scaler's state travel in trainer.pt, written by rank 0 and read with
+torch.load(weights_only=True).
 
 Loading a file may never run code (docs/RELIABILITY.md), and DCP would: it reads its index (`.metadata`)
 with pickle.load and non-tensor entries with torch.load(weights_only=False). So the index is read here by an
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import pickle
-import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,21 +36,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from nanopalm import distributed as D
-from nanopalm.checkpoint import (
-    SHARD_INDEX,
-    TRAINER_FILE,
-    Checkpoint,
-    check_weights_fit,
-    checkpoint_dir,
-    find_checkpoint,
-    non_finite,
-    read_trainer_state,
-    write_atomically,
-    write_checkpoint,
-)
-from nanopalm.errors import ArgumentParser, UserError
-from nanopalm.tokenizer import load_tokenizer
+from nanopalm.errors import UserError
 
+INDEX_FILE = ".metadata"  # DCP's index of a sharded checkpoint (checkpoint.SHARD_INDEX, without importing DCP)
 # Every class a DCP index pickles (torch 2.13): its dataclasses, torch.Size, dtypes, a path, a layout lookup.
 _INDEX_CLASSES = {
     ("torch.distributed.checkpoint.metadata", name) for name in (
@@ -74,15 +61,15 @@ class _IndexUnpickler(pickle.Unpickler):
 def read_index(directory: Path) -> dcp_metadata.Metadata:
     """A sharded checkpoint's DCP index, read without running code; UserError if it is not one."""
     try:
-        with open(Path(directory) / SHARD_INDEX, "rb") as f:
+        with open(Path(directory) / INDEX_FILE, "rb") as f:
             index = _IndexUnpickler(f).load()
     except pickle.UnpicklingError as e:
-        raise UserError(f"refusing to load {Path(directory) / SHARD_INDEX}: it holds {e}, which is not part of a "
+        raise UserError(f"refusing to load {Path(directory) / INDEX_FILE}: it holds {e}, which is not part of a "
                         "checkpoint index and could run code; use a checkpoint written by nanoPALM") from None
     except Exception as e:  # OSError, EOFError, ... for a missing or damaged file
         raise UserError(f"cannot read the shard index of {directory}: {str(e).splitlines()[0]}") from None
     if not isinstance(index, dcp_metadata.Metadata):
-        raise UserError(f"{Path(directory) / SHARD_INDEX} is not a torch.distributed.checkpoint index")
+        raise UserError(f"{Path(directory) / INDEX_FILE} is not a torch.distributed.checkpoint index")
     return index
 
 
@@ -148,38 +135,6 @@ def write(directory: Path, state: dict) -> None:
         dcp.save(state, checkpoint_id=directory, no_dist=not dist.is_initialized())
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, meta: dict, keep_last: int, info: D.DistInfo) -> None:
-    """Checkpoint `step` in the sharded format, on every rank: each checks and writes its own shards, rank 0
-    trainer.pt; checkpoint.write_atomically does the temporary directory, checksums (every rank its share of
-    the files), meta.json, the rename and the pruning."""
-    state = state_to_save(model, optimizer)
-    problems = [p for p in D.all_gather(non_finite(step, state), info) if p]
-    if problems:
-        raise UserError(problems[0])
-    trainer_state = {"param_groups": param_groups(model, optimizer), "scaler": scaler.state_dict(),
-                     "optimizer_state": "optimizer" in state}
-
-    def write_files(tmp: Path) -> None:
-        if info.is_main:
-            with open(tmp / TRAINER_FILE, "wb") as f:
-                torch.save(trainer_state, f)
-        write(tmp, state)
-    write_atomically(run_dir, step, write_files, {**meta, "format": "sharded"}, keep_last, info)
-
-
-def load_checkpoint(checkpoint: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    scaler: torch.amp.GradScaler | None) -> None:
-    """Load a sharded checkpoint into the model (and optimizer, scaler), on every rank."""
-    shapes = tensor_shapes(checkpoint.path)
-    check_weights_fit(model, {name: torch.empty(shape, device="meta") for name, shape in shapes.items()},
-                      checkpoint.path)
-    trainer_state = read_trainer_state(checkpoint.path) if optimizer is not None else None
-    load(checkpoint.path, model, optimizer, trainer_state)
-    if trainer_state is not None and scaler is not None:
-        scaler.load_state_dict(trainer_state["scaler"])
-
-
 def tensor_shapes(directory: Path) -> dict[str, torch.Size]:
     """The model's tensors in a sharded checkpoint, name -> shape, from its index alone."""
     index = read_index(directory)
@@ -227,47 +182,4 @@ def read_whole(directory: Path, with_optimizer: bool = True) -> tuple[dict[str, 
     return state["model"], state["optimizer"]
 
 
-# ---- consolidation: `python -m nanopalm.checkpoint consolidate RUN` ----------------------------------
-def consolidate(source: str | Path, out: str | Path | None = None) -> Path:
-    """Write the newest good checkpoint of run `source` (or the checkpoint directory `source`), sharded, as
-    a single-file checkpoint (model.safetensors, trainer.pt with the whole optimizer state) in run directory
-    `out` (default: SOURCE-consolidated), with the run's tokenizer and config: what sample.py, eval.py and
-    --init_from read on any machine, and one process resumes. Holds the whole state in CPU memory."""
-    found = find_checkpoint(source)
-    if not found.sharded:
-        raise UserError(f"{found.path} is already a single-file checkpoint: sample.py, eval.py and --init_from "
-                        "read it as it is")
-    out_dir = Path(out) if out else found.run_dir.with_name(found.run_dir.name + "-consolidated")
-    if (out_dir / "checkpoints").exists():
-        raise UserError(f"{out_dir} already holds checkpoints: give another --out (or remove it)")
-    tokenizer = load_tokenizer(found.run_dir)  # sample.py reads it from the run directory: first, or nothing
-    size = sum(f.stat().st_size for f in found.path.iterdir() if f.is_file())
-    print(f"reading {found.path} ({size / 2**30:.2f} GiB, every rank's shards) into memory...", flush=True)
-    weights, optimizer_state = read_whole(found.path)
-    trainer_state = read_trainer_state(found.path)
-    groups = trainer_state["param_groups"]
-    numbers = {name: i for i, name in enumerate(name for group in groups for name in group["params"])}
-    optimizer = D.renumber_optimizer_state({"state": optimizer_state, "param_groups": groups}, numbers)
-    meta = {k: v for k, v in found.meta.items() if k not in ("sha256", "format", "format_version", "step")}
-    print(f"writing {checkpoint_dir(out_dir, found.step)}...", flush=True)
-    write_checkpoint(out_dir, found.step, weights, {"optimizer": optimizer, "scaler": trainer_state["scaler"]},
-                     meta, keep_last=1)
-    tokenizer.save(out_dir)
-    if (found.run_dir / "config.json").is_file():
-        shutil.copyfile(found.run_dir / "config.json", out_dir / "config.json")
-    return checkpoint_dir(out_dir, found.step)
-
-
-def main(argv: list[str]) -> None:
-    parser = ArgumentParser(prog="python -m nanopalm.checkpoint", description=consolidate.__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    command = sub.add_parser("consolidate", help="a sharded checkpoint as one single-file checkpoint")
-    command.add_argument("source", help="a run directory (its newest good checkpoint) or a checkpoint directory")
-    command.add_argument("--out", default=None, help="the run directory to write (default: SOURCE-consolidated)")
-    args = parser.parse_args(argv)
-    written = consolidate(args.source, args.out)
-    print(f"wrote {written}; to sample from it: python sample.py --out_dir={written.parent.parent}")
-
-
-__all__ = ["read_index", "param_groups", "state_to_save", "write", "save_checkpoint",
-           "load_checkpoint", "tensor_shapes", "load", "read_whole", "consolidate", "main"]
+__all__ = ["read_index", "param_groups", "state_to_save", "write", "tensor_shapes", "load", "read_whole"]

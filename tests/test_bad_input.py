@@ -20,7 +20,6 @@ from safetensors.torch import save_file
 
 from nanopalm import checkpoint as ckpt
 from nanopalm import distributed as D
-from nanopalm import sharded
 from nanopalm.atomic import sha256
 from nanopalm.config import build_config
 from nanopalm.data import HEADER, SplitStats, write_meta, write_token_file
@@ -278,7 +277,7 @@ def subprocess_results(world) -> dict[str, tuple[int, str, str, bool]]:
 
 def script_main(cli: str):
     if cli == "consolidate":
-        return lambda args: sharded.main(["consolidate", *args])
+        return lambda args: ckpt.main(["consolidate", *args])
     return load_script(SCRIPTS[cli]).main
 
 

@@ -14,7 +14,6 @@ import torch
 
 from nanopalm import checkpoint as ckpt
 from nanopalm import distributed as D
-from nanopalm import sharded
 from nanopalm.config import build_config
 from nanopalm.errors import UserError
 from nanopalm.trainer import train
@@ -129,7 +128,7 @@ def test_a_checkpoint_saved_by_two_ranks_resumes_on_one(mode, reference_values, 
     """DDP's single-file checkpoint as is; FSDP2's sharded one both as is (DCP reshards 2 -> 1) and as
     consolidated into the single-file layout (python -m nanopalm.checkpoint consolidate)."""
     saved = ckpt.checkpoint_dir(request.getfixturevalue(mode)[0], 6)
-    single = sharded.consolidate(saved, tmp_path / "consolidated") if mode == "fsdp" else saved
+    single = ckpt.consolidate(saved, tmp_path / "consolidated") if mode == "fsdp" else saved
     # The same layout as one process writes: full weights, optimizer state numbered as torch numbers it.
     mine = torch.load(ckpt.checkpoint_dir(one_process, 6) / ckpt.TRAINER_FILE, weights_only=True)["optimizer"]
     theirs = torch.load(single / ckpt.TRAINER_FILE, weights_only=True)["optimizer"]

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, load_script
 
-from nanopalm import ablate, sharded
+from nanopalm import ablate
+from nanopalm import checkpoint as ckpt
 from nanopalm.config import help_text, parse_args
 from nanopalm.shakespeare import load_passages
 
@@ -71,7 +72,7 @@ NOT_CHECKED = {
 }
 # Names in prose, not commands to run as they stand: the module or file must exist.
 MENTIONS = {"python -m nanopalm.plot": "nanopalm/plot.py", "python -m nanopalm.harness": "nanopalm/harness.py",
-            "python -m nanopalm.checkpoint consolidate": "nanopalm/sharded.py", "python bench.py memory": "bench.py",
+            "python -m nanopalm.checkpoint consolidate": "nanopalm/checkpoint.py", "python bench.py memory": "bench.py",
             "torchrun --standalone": "train.py", "scripts/fused_before_after.py": "scripts/fused_before_after.py"}
 
 
@@ -133,8 +134,8 @@ def parse_only(command: str, monkeypatch) -> None:
         assert calls, command
     elif script == "-m nanopalm.checkpoint":
         calls = []
-        monkeypatch.setattr(sharded, "consolidate", lambda *a: calls.append(a) or Path("run/checkpoints/step_1"))
-        sharded.main(args)
+        monkeypatch.setattr(ckpt, "consolidate", lambda *a: calls.append(a) or Path("run/checkpoints/step_1"))
+        ckpt.main(args)
         assert calls, command
     elif script == "-m nanopalm.ablate":
         ablate.parse_args(args)

@@ -60,7 +60,7 @@ def test_a_sharded_run_resumes_bitwise(step, reference_values, one_process, shar
     train(build_config({**reference_values, "out_dir": str(out), "checkpoint_format": "sharded", "resume": True}))
     assert losses(out) == {k: v for k, v in losses(one_process).items() if k > step}
     expected = state(ckpt.checkpoint_dir(one_process, 12))
-    assert_bitwise(state(sharded.consolidate(out, tmp_path / "consolidated")), expected)
+    assert_bitwise(state(ckpt.consolidate(out, tmp_path / "consolidated")), expected)
 
 
 def test_consolidation_gives_the_one_process_file_checkpoint_of_the_same_run(one_process, shards, tmp_path):
