@@ -104,9 +104,13 @@ class _Shapes:
     block_matrices: int  # one block's weight matrices: autocast casts them for its matmuls
 
 
-def _shapes(setup: Setup) -> _Shapes:
-    with torch.device("meta"):
-        model = PaLM(setup.model)
+def _shapes(setup: Setup, model: torch.nn.Module | None = None) -> _Shapes:
+    """The parameter counts of `model` (FSDP2's DTensors count whole), or of setup.model built on the meta device:
+    counted from the module itself, so that a change to model.py cannot leave them wrong. (The first meta-device
+    build in a process costs a second, torch's decompositions loading: the trainer passes its built model.)"""
+    if model is None:
+        with torch.device("meta"):
+            model = PaLM(setup.model)
     world = setup.world_size if setup.sharded else 1
 
     def count(params: list[torch.Tensor], shard: bool = False) -> int:
@@ -145,9 +149,10 @@ def _block_activations(setup: Setup, tokens: int) -> tuple[int, int, int]:
     return full * tokens, kept * tokens, (widest * b + c.d_model * r) * tokens
 
 
-def estimate(setup: Setup, batch_size: int) -> Estimate:
-    """Bytes per GPU at the peak of a training step with micro-batches of `batch_size` sequences."""
-    c, s = setup.model, _shapes(setup)
+def estimate(setup: Setup, batch_size: int, model: torch.nn.Module | None = None) -> Estimate:
+    """Bytes per GPU at the peak of a training step with micro-batches of `batch_size` sequences (`model`: the
+    run's, when it is built, else setup.model's shapes are read from a meta-device build)."""
+    c, s = setup.model, _shapes(setup, model)
     tokens = batch_size * c.block_size
     b, r = setup.compute_bytes, setup.residual_bytes
     mixed = setup.dtype != torch.float32

@@ -303,7 +303,8 @@ class PaLM(nn.Module):
             # init_weights on the real device after a meta-device construction (distributed.py).
             self.register_buffer("rope_cos", torch.empty(c.block_size, c.head_dim // 2), persistent=False)
             self.register_buffer("rope_sin", torch.empty(c.block_size, c.head_dim // 2), persistent=False)
-        self.init_weights()
+        if not self.wte.weight.is_meta:  # a meta-device model (FSDP2's build, the memory planner) holds no values:
+            self.init_weights()  # distributed.py initialises it once it has real storage
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -91,11 +91,11 @@ class Trainer:
         self.train_loader = BatchLoader(self.data_dir, "train", t.batch_size, block, t.seed, self.device, vocab)
         self.val_loader = BatchLoader(self.data_dir, "val", t.batch_size, block, t.seed, self.device, vocab)
         self.tokenizer = load_tokenizer(self.data_dir)
-        self._warn_if_memory_is_short()
 
         compile_blocks = t.compile is True or (t.compile == "auto" and self.device.type == "cuda")
         self.raw_model, self.model = D.build_model(self.cfg.model, self.dist, self.device, self.precision, t.seed,
                                                    t.activation_checkpointing, compile_blocks)
+        self._warn_if_memory_is_short()  # the weights are a step's smallest part: the rest is not allocated yet
         self.optimizer = build_optimizer(self.raw_model, self.cfg.optim, self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.grad_scaler)
         self.state = TrainState()
@@ -150,9 +150,11 @@ class Trainer:
             write_atomic(path, text)
 
     def _warn_if_memory_is_short(self) -> None:
-        """Before anything is allocated: the planner's estimate of a step's peak (nanopalm/memory.py) against
-        the memory the device has free. A warning, never a refusal: an estimate can be wrong."""
-        need = estimate(Setup.of_run(self.cfg, self.dist, self.precision, self.device), self.cfg.train.batch_size)
+        """Before the optimizer state and the first step: the planner's estimate of a step's peak
+        (nanopalm/memory.py) against the memory the device has free. A warning, never a refusal: an estimate can be
+        wrong."""
+        need = estimate(Setup.of_run(self.cfg, self.dist, self.precision, self.device), self.cfg.train.batch_size,
+                        self.raw_model)
         free = free_memory(self.device)
         if self.dist.is_main and free is not None and need.total > free:
             warn(f"a training step needs about {need.total / GIB:.1f} GiB of {self.device} memory at its "

@@ -14,7 +14,7 @@ from conftest import REPO
 
 from nanopalm.bench import estimate_and_measure
 from nanopalm.memory import Setup, estimate, largest_batch
-from nanopalm.model import PaLMConfig
+from nanopalm.model import PaLM, PaLMConfig
 from nanopalm.trainer import Trainer
 
 TOLERANCE = 0.05  # |estimate / measured - 1|; measured at most 0.014 here, 0.020 under torchrun (BENCHMARKS.md)
@@ -83,3 +83,12 @@ def test_ddp_and_fsdp2_estimates_are_within_5_percent_on_two_ranks():
     assert len(rows) == 6
     for row in rows:
         assert abs(row["estimated"] / row["measured"] - 1) < TOLERANCE, row
+
+
+@pytest.mark.parametrize("config", [PALM, GPT2], ids=["palm", "gpt2"])
+def test_the_estimate_from_a_built_model_is_the_estimate_from_its_config(config):
+    """The trainer hands the planner its built model (a meta-device build costs a second the first time in a
+    process); the counts, and so every figure, are those of the config's meta-device build."""
+    for mode in ("none", "full", "selective"):
+        setup = Setup(config, activation_checkpointing=mode)
+        assert estimate(setup, 8, PaLM(config)) == estimate(setup, 8)
