@@ -78,7 +78,7 @@ def test_every_rank_starts_from_the_weights_of_one_process(mode, one_process, re
 
 def test_no_rank_holds_the_whole_model():
     """FSDP2 from the meta device: a rank allocates its shards, plus one whole parameter while it draws it."""
-    result = torchrun({}, ("tests/build_sharded.py",))
+    result = torchrun({}, ("tests/helpers/build_sharded.py",))
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(ranks) == 2
@@ -148,7 +148,7 @@ def test_a_checkpoint_saved_by_two_ranks_resumes_on_one(mode, reference_values, 
 def test_a_killed_rank_is_brought_back_from_the_last_checkpoint(reference_values, fsdp, tmp_path):
     """torchrun --max_restarts=1: rank 1 dies at step 9; both ranks restart and resume from step 6."""
     out = tmp_path / "elastic"
-    result = torchrun({**reference_values, "out_dir": out, **FSDP}, ("tests/dying_train.py", "9"),
+    result = torchrun({**reference_values, "out_dir": out, **FSDP}, ("tests/helpers/dying_train.py", "9"),
                       ("--max_restarts=1",),
                       TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # see docs/DISTRIBUTED.md, "Elastic restarts"
     assert result.returncode == 0, result.stderr[-3000:]
@@ -185,7 +185,7 @@ def test_the_ranks_must_divide_the_global_batch(reference_values, tmp_path):
 def test_adafactor_statistics_of_unevenly_sharded_matrices_are_those_of_the_whole_matrix(tmp_path):
     """FSDP2 shards rows as torch.chunk does (7 rows: 4 + 3). PaLMAdafactor's per-matrix RMS sums the local
     rows' squares over the ranks, so two ranks step exactly as one process (to float rounding)."""
-    result = torchrun({"out": tmp_path / "result.json"}, ("tests/sharded_adafactor.py",))
+    result = torchrun({"out": tmp_path / "result.json"}, ("tests/helpers/sharded_adafactor.py",))
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads((tmp_path / "result.json").read_text())
     assert found["rank0_rows"] == {"proj.weight": 4, "scale": 3}  # uneven shards indeed (7 = 4 + 3, 5 = 3 + 2)

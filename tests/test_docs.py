@@ -139,7 +139,7 @@ def parse_only(command: str, monkeypatch) -> None:
         assert calls, command
     elif script == "-m nanopalm.ablate":
         ablate.parse_args(args)
-    elif script == "tests/memory_of_ranks.py":
+    elif script == "tests/helpers/memory_of_ranks.py":
         assert (REPO / script).is_file()
     else:
         raise AssertionError(f"no parser known for {command!r}: run it in RUN, or say in NOT_CHECKED why not")

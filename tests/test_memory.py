@@ -76,7 +76,7 @@ def test_the_trainer_s_setup(tiny_run):
 @pytest.mark.slow
 def test_ddp_and_fsdp2_estimates_are_within_5_percent_on_two_ranks():
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "tests/memory_of_ranks.py"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                             "tests/helpers/memory_of_ranks.py"], cwd=REPO, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]

@@ -1,6 +1,6 @@
 """train.py, except that on torchrun's first attempt rank 1 dies at step DIE_AT: the elastic-restart test.
 
-    torchrun --max_restarts=1 ... tests/dying_train.py DIE_AT [train.py arguments]
+    torchrun --max_restarts=1 ... tests/helpers/dying_train.py DIE_AT [train.py arguments]
 """
 
 import os

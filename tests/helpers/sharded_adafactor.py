@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py under torchrun: PaLMAdafactor on FSDP2-sharded parameters whose rows do
 not divide evenly over the ranks equals PaLMAdafactor in one process. Rank 0 writes the differences.
 
-    torchrun --standalone --nproc_per_node=2 tests/sharded_adafactor.py --out=RESULT.json
+    torchrun --standalone --nproc_per_node=2 tests/helpers/sharded_adafactor.py --out=RESULT.json
 """
 
 import copy
