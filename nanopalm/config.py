@@ -271,7 +271,7 @@ class CommandLine:
         """Lines to log about values the run derived rather than was given."""
         notes = []
         if self.is_shape:
-            notes.append(f"model shape {self.preset} on the default run ({DEFAULT_PRESET}): its data, recipe and "
+            notes.append(f"model shape {self.preset} on the default run ({DEFAULT_PRESET}): its data and recipe, "
                          f"vocab_size={cfg.model.vocab_size}, into out_dir={cfg.train.out_dir}")
         if self.values().get("min_lr") is None and cfg.optim.lr_schedule == "cosine":
             notes.append(f"min_lr not given: learning_rate / 10 = {cfg.optim.min_lr:g}")

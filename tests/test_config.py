@@ -94,7 +94,7 @@ def test_a_shape_preset_trains_on_the_default_runs_data_with_its_vocabulary():
     assert tiny.optim == default.optim and tiny.train.dataset == "shakespeare" and tiny.train.out_dir == "out-tiny"
     assert parse_args(["tiny", "--vocab_size=512"]).model.vocab_size == 512
     cfg, notes = run_config(["tiny"])
-    assert cfg == tiny and notes == ["model shape tiny on the default run (shakespeare): its data, recipe and "
+    assert cfg == tiny and notes == ["model shape tiny on the default run (shakespeare): its data and recipe, "
                                      "vocab_size=8192, into out_dir=out-tiny"]
 
 
