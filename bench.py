@@ -24,7 +24,14 @@ import statistics
 
 import torch
 
-from nanopalm.bench import (
+from nanopalm.config import load_preset, model_config, parse_overrides
+from nanopalm.device import inference_precision, pick_device, pick_precision
+from nanopalm.errors import ArgumentParser, UserError, run_cli
+from nanopalm.memory import GIB, Setup, estimate, largest_batch
+from nanopalm.metrics import gpu_peak_flops, mfu
+from nanopalm.model import PaLM, PaLMConfig
+from nanopalm.optim import OptimConfig, build_optimizer
+from nanopalm.tools.bench import (
     CLOCKS,
     describe_ratios,
     estimate_and_measure,
@@ -37,13 +44,6 @@ from nanopalm.bench import (
     op_profile,
     optimizer_step_seconds,
 )
-from nanopalm.config import load_preset, model_config, parse_overrides
-from nanopalm.device import inference_precision, pick_device, pick_precision
-from nanopalm.errors import ArgumentParser, UserError, run_cli
-from nanopalm.memory import GIB, Setup, estimate, largest_batch
-from nanopalm.metrics import gpu_peak_flops, mfu
-from nanopalm.model import PaLM, PaLMConfig
-from nanopalm.optim import OptimConfig, build_optimizer
 from nanopalm.variants import equal_size_gpt2, param_count
 
 

@@ -9,11 +9,11 @@ import statistics
 
 import torch
 
-from nanopalm.bench import load_module, optimizer_step_seconds
 from nanopalm.config import model_config
 from nanopalm.errors import ArgumentParser, UserError, run_cli
 from nanopalm.model import PaLM
 from nanopalm.optim import OptimConfig, build_optimizer
+from nanopalm.tools.bench import load_module, optimizer_step_seconds
 
 
 def main(old_path: str, preset: str, threads: int) -> None:

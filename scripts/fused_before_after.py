@@ -6,7 +6,7 @@ tree's file for both. From the repository root:
     python scripts/fused_before_after.py /tmp/old_fused.py shakespeare 1 30 cpu    # OLD PRESET THREADS ROUNDS CLOCK
 
 Each round times one step of each variant, in an order reversed every round, on the same model, optimizer and
-batch (nanopalm.bench.make_train_bench); it prints the median step and the median of the per-round ratios
+batch (nanopalm.tools.bench.make_train_bench); it prints the median step and the median of the per-round ratios
 (old / variant), which a change in the machine's load between rounds cancels out of, with its interval.
 Before any step all variants must give the same loss on the batch (to fp32 rounding); then each takes one
 untimed step.
@@ -18,9 +18,9 @@ import torch
 
 import nanopalm.model as model_module
 from nanopalm import fused
-from nanopalm.bench import CLOCKS, describe_ratios, load_module, make_train_bench
 from nanopalm.config import model_config
 from nanopalm.errors import ArgumentParser, UserError, run_cli
+from nanopalm.tools.bench import CLOCKS, describe_ratios, load_module, make_train_bench
 
 
 def main(old_path: str, preset: str, threads: int, rounds: int, clock_name: str = "wall") -> dict[str, list[float]]:

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from nanopalm.bench import load_module
 from nanopalm.config import DEFAULT_PRESET, build_config, load_preset
 from nanopalm.data import SplitStats, load_meta, read_token_file, write_meta, write_token_file
 from nanopalm.evaluate import document_bytes
 from nanopalm.shakespeare import prepare
 from nanopalm.tokenizer import load_tokenizer
+from nanopalm.tools.bench import load_module
 from nanopalm.trainer import train
 
 # One thread, here and in the processes tests start: tiny models gain nothing from a second one, and two

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_RUN
 
-from nanopalm import ablate
 from nanopalm.config import build_config
 from nanopalm.errors import UserError
 from nanopalm.metrics import read_metrics
+from nanopalm.tools import ablate
 from nanopalm.trainer import train
 from nanopalm.variants import GPT2_CHOICES, param_count
 
@@ -57,7 +57,7 @@ def test_the_ablation_runs_resumes_a_killed_run_skips_finished_ones_and_writes_t
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 5, 10]
     table = [line for line in doc.read_text().splitlines() if line.startswith("| palm") or line.startswith("| gpt2")]
     assert [line.split(" | ")[0] for line in table[:3]] == ["| palm", "| gpt2", "| palm-rope"]
-    assert "+- " in table[0] and "python -m nanopalm.ablate --preset" in doc.read_text()
+    assert "+- " in table[0] and "python -m nanopalm.tools.ablate --preset" in doc.read_text()
     commit = ablate.source_commit()  # this checkout's commit (None outside git: then "not recorded")
     assert f"Code: {commit or 'not recorded'} (6 runs)." in doc.read_text()
     assert (doc.parent / "ablations" / "curves.png").stat().st_size > 1000
@@ -113,4 +113,5 @@ def test_a_users_study_writes_its_report_beside_its_runs_not_over_the_repository
     assert ablate.parse_args([]).doc == Path("runs/ablate/ABLATIONS.md")
     assert ablate.parse_args(["--out", str(tmp_path)]).doc == tmp_path / "ABLATIONS.md"
     assert ablate.parse_args(["--doc", "docs/ABLATIONS.md"]).doc == Path("docs/ABLATIONS.md")
-    assert "    python -m nanopalm.ablate --doc docs/ABLATIONS.md\n" in (REPO / "docs" / "ABLATIONS.md").read_text()
+    report = (REPO / "docs" / "ABLATIONS.md").read_text()
+    assert "    python -m nanopalm.tools.ablate --doc docs/ABLATIONS.md\n" in report

@@ -8,10 +8,10 @@ import torch
 
 from nanopalm import checkpoint as ckpt
 from nanopalm import distributed as D
-from nanopalm.bench import make_train_bench
 from nanopalm.device import Precision
 from nanopalm.memory import measure
 from nanopalm.model import PaLMConfig
+from nanopalm.tools.bench import make_train_bench
 from nanopalm.trainer import train
 
 PALM = PaLMConfig(vocab_size=128, block_size=32, n_layer=3, n_head=4, head_dim=16, d_model=64, dropout=0.1)

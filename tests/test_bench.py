@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import load_script
 
-from nanopalm.bench import matmul_flops_per_token, median_interval
 from nanopalm.config import model_config, model_presets, parse_args
 from nanopalm.errors import UserError
 from nanopalm.metrics import mfu
 from nanopalm.model import PaLM, PaLMConfig
+from nanopalm.tools.bench import matmul_flops_per_token, median_interval
 from nanopalm.variants import equal_size_gpt2, param_count
 
 MODEL_PRESETS = model_presets()

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO, load_script
 
-from nanopalm import ablate
 from nanopalm import checkpoint as ckpt
 from nanopalm.config import help_text, parse_args
 from nanopalm.shakespeare import load_passages
+from nanopalm.tools import ablate
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 STARTS = ("python ", "torchrun ", "pip ", "scripts/", "bash ")
@@ -58,7 +58,7 @@ RUN = [
                                                 "--contexts", "8", "--block_size", "64"]),
     ("python bench.py logits", ["--vocab_sizes", "256", "--block_size", "64"]),
     ("python bench.py memory palm_8b --world_size 8 --gpu_memory 80", []),
-    ("python -m nanopalm.ablate --doc docs/ABLATIONS.md", ["--dry_run"]),
+    ("python -m nanopalm.tools.ablate --doc docs/ABLATIONS.md", ["--dry_run"]),
 ]
 NOT_CHECKED = {
     "pip install": "installs packages; .ci/run installs them on a fresh machine",
@@ -137,7 +137,7 @@ def parse_only(command: str, monkeypatch) -> None:
         monkeypatch.setattr(ckpt, "consolidate", lambda *a: calls.append(a) or Path("run/checkpoints/step_1"))
         ckpt.main(args)
         assert calls, command
-    elif script == "-m nanopalm.ablate":
+    elif script == "-m nanopalm.tools.ablate":
         ablate.parse_args(args)
     elif script == "tests/helpers/memory_of_ranks.py":
         assert (REPO / script).is_file()

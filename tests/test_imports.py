@@ -8,10 +8,10 @@ from conftest import REPO
 from nanopalm import checkpoint, sharded
 
 
-def package_imports() -> dict[str, set[str]]:
+def package_imports(folder: str = "nanopalm") -> dict[str, set[str]]:
     """{module: the nanopalm modules it imports}, from the source: top-level and function-level imports alike."""
     graph = {}
-    for path in sorted((REPO / "nanopalm").glob("*.py")):
+    for path in sorted((REPO / folder).glob("*.py")):
         found = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module == "nanopalm":
@@ -44,3 +44,10 @@ def test_no_module_of_the_package_imports_one_that_imports_it_back():
 def test_the_two_names_of_a_sharded_checkpoints_index_agree():
     """checkpoint.py names DCP's index without importing DCP (a second to import); sharded.py owns the format."""
     assert checkpoint.SHARD_INDEX == sharded.INDEX_FILE == ".metadata"
+
+
+def test_the_core_imports_none_of_the_tools():
+    """nanopalm/tools/ (benchmarks, the ablation study) builds on the core; nothing in the core needs it."""
+    core = package_imports()
+    assert "trainer" in core and not any("tools" in imported for imported in core.values()), core
+    assert package_imports("nanopalm/tools")["ablate"] >= {"config", "trainer"}  # the tools do import the core

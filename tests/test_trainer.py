@@ -473,4 +473,4 @@ def test_importing_the_trainer_loads_no_data_preparation():
     loaded = set(subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                                 check=True).stdout.split())
     assert "nanopalm.trainer" in loaded and "nanopalm.evaluate" in loaded
-    assert not loaded & {"nanopalm.prepare", "datasets", "nanopalm.bench", "nanopalm.harness", "lm_eval"}
+    assert not loaded & {"nanopalm.prepare", "datasets", "nanopalm.tools.bench", "nanopalm.harness", "lm_eval"}
