@@ -10,6 +10,7 @@ from nanopalm.config import model_config, model_presets, parse_args
 from nanopalm.errors import UserError
 from nanopalm.metrics import mfu
 from nanopalm.model import PaLM, PaLMConfig
+from nanopalm.tools import benchmarks
 from nanopalm.tools.bench import matmul_flops_per_token, median_interval
 from nanopalm.variants import equal_size_gpt2, param_count
 
@@ -102,7 +103,7 @@ def test_memory_planner_cli_prints_every_mode_and_what_fits(capsys):
 
 def test_cpu_clock_refuses_a_gpu(monkeypatch):
     bench = load_bench_script()
-    monkeypatch.setattr(bench, "pick_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(benchmarks, "pick_device", lambda name: torch.device("cuda"))
     with pytest.raises(UserError, match="--clock cpu times CPU work: it cannot time cuda"):
         bench.main(["--preset", "tiny", "--clock", "cpu", "--device", "cuda"])
 
