@@ -32,7 +32,7 @@ from nanopalm.memory import GIB, Setup, estimate
 from nanopalm.metrics import MetricsLogger, gpu_peak_flops, mfu
 from nanopalm.optim import apply_schedule, build_optimizer, micro_steps_at
 from nanopalm.plot import plot_runs
-from nanopalm.sampling import generate
+from nanopalm.sampling import generate_text
 from nanopalm.signals import GracefulStop
 from nanopalm.spikes import RollbackPoints, SpikeDetector
 from nanopalm.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -370,14 +370,11 @@ class Trainer:
 
     # ---- the rest ----------------------------------------------------------------------------
     def sample(self, max_new_tokens: int) -> str:
-        prompt = self.tokenizer.encode(self.cfg.train.sample_prompt) or [self.tokenizer.eot_id]
-        idx = torch.tensor([prompt], device=self.device)
-        generator = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
+        """The end-of-training sample, as sample.py draws one (temperature 0.8, top-k 200, the run's seed)."""
         self.raw_model.eval()
         with self.precision.autocast(self.device, for_generation=True):
-            out = generate(self.raw_model, idx, max_new_tokens, temperature=0.8, top_k=200, generator=generator,
-                           vocab_size=self.tokenizer.vocab_size)
-        return self.tokenizer.decode(out[0].tolist())
+            return generate_text(self.raw_model, self.tokenizer, self.cfg.train.sample_prompt, max_new_tokens,
+                                 temperature=0.8, top_k=200, seed=self.cfg.train.seed)
 
     def _profiler(self):
         if not self.cfg.train.profile:
