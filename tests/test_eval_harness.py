@@ -99,6 +99,21 @@ def test_loglikelihood_is_the_sum_of_the_models_log_probabilities(lm):
     assert [greedy for _, greedy in loglikelihoods(lm, [(context, best), (context, worst)])] == [True, False]
 
 
+def test_a_continuation_is_greedy_only_if_every_one_of_its_tokens_is(lm):
+    """lm-eval's is_greedy: greedy decoding would produce the whole continuation. Two tokens, the first the argmax
+    and the second the argmin after it, are not (a check of any token, not all, would say they are)."""
+    ids = lm.tokenizer.encode("ROMEO:\nBut, soft")
+    with torch.no_grad():
+        first = int(lm.model(torch.tensor([ids])).logits[0, -1].argmax())
+        after = lm.model(torch.tensor([ids + [first]])).logits[0, -1]
+    assert first != lm.tokenizer.eot_id
+    pairs = [("ROMEO:\nBut, soft", lm.tokenizer.decode([first, int(second)])) for second in (after.argmax(),
+                                                                                          after.argmin())]
+    assert all(lm.tokenizer.encode(continuation) == [first, int(second)]  # the char tokenizer: one token a character
+               for (_, continuation), second in zip(pairs, (after.argmax(), after.argmin()), strict=True))
+    assert [greedy for _, greedy in loglikelihoods(lm, pairs)] == [True, False]
+
+
 def test_loglikelihood_rolling_equals_eval_py_stride(lm, eval_run, tmp_path):
     text = ("GLOUCESTER:\nNow is the winter of our discontent\nMade glorious summer by this sun of York;\n"
             "And all the clouds that lour'd upon our house\nIn the deep bosom of the ocean buried.\n")
