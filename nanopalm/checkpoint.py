@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from nanopalm import atomic
 from nanopalm import distributed as D
-from nanopalm.config import RunConfig, config_from_dict
+from nanopalm.config import RUN_CONFIG_FILE, RunConfig, config_from_dict
 from nanopalm.errors import ArgumentParser, UserError, warn
 from nanopalm.faults import fault_point
 from nanopalm.model import PaLM
@@ -456,8 +456,8 @@ def consolidate(source: str | Path, out: str | Path | None = None) -> Path:
     write_checkpoint(out_dir, found.step, weights, {"optimizer": optimizer, "scaler": trainer_state["scaler"]},
                      meta, keep_last=1)
     tokenizer.save(out_dir)
-    if (found.run_dir / "config.json").is_file():
-        shutil.copyfile(found.run_dir / "config.json", out_dir / "config.json")
+    if (found.run_dir / RUN_CONFIG_FILE).is_file():
+        shutil.copyfile(found.run_dir / RUN_CONFIG_FILE, out_dir / RUN_CONFIG_FILE)
     return checkpoint_dir(out_dir, found.step)
 
 
