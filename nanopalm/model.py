@@ -101,6 +101,10 @@ class FusedLinear(nn.Linear):
         super().__init__(d_in, sum(splits.values()), bias=bias)
         self.splits = splits
 
+    def cut(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """This matmul's output h cut into its projections, in `splits` order."""
+        return h.split(list(self.splits.values()), dim=-1)
+
 
 def rope_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (length, head_dim / 2): position p's angle p * base^(-2i / head_dim) for pair i.
@@ -222,7 +226,7 @@ class ParallelBlock(nn.Module):
         if self.fused:  # fused.py: the same pieces, fewer passes over h and a backward without concatenations
             q, k, v, hidden = split_projection(h, self.in_proj.splits, self.head_dim, rope)
         else:
-            q, k, v, *mlp_in = h.split(list(self.in_proj.splits.values()), dim=-1)
+            q, k, v, *mlp_in = self.in_proj.cut(h)
             q, k, v = self.attn.heads(q, k, v, rope)  # (B, H, T, D) and (B, 1, T, D): multi-query
             hidden = self.mlp.activation(*mlp_in)  # silu(gate) * up
         return x + self.drop(self.attn(q, k, v, pos) + self.mlp(hidden))  # the parallel sum
@@ -246,13 +250,13 @@ class SerialBlock(nn.Module):
         if self.fused:
             q, k, v = split_projection(h, self.in_proj.splits, self.head_dim, rope)
         else:
-            q, k, v = self.attn.heads(*h.split(list(self.in_proj.splits.values()), dim=-1), rope)
+            q, k, v = self.attn.heads(*self.in_proj.cut(h), rope)
         x = x + self.drop(self.attn(q, k, v, pos))
         h = self.mlp_in(self.norm2(x))
         if self.fused:
             (hidden,) = split_projection(h, self.mlp_in.splits, self.head_dim, None)
         else:
-            hidden = self.mlp.activation(*h.split(list(self.mlp_in.splits.values()), dim=-1))
+            hidden = self.mlp.activation(*self.mlp_in.cut(h))
         return x + self.drop(self.mlp(hidden))
 
 
