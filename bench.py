@@ -2,16 +2,17 @@
 
     python bench.py                                     # training: the default run's model (preset shakespeare)
     python bench.py --compare                           # ... against the GPT-2 architecture of the same size
-    python bench.py --preset palm_350m --block_size=2048 --batch_size 8 --device cuda --compile false true
+    python bench.py --preset=palm_350m --block_size=2048 --batch_size=8 --device=cuda --compile false true
     python bench.py generation                          # palm_20m, 256 and 1024 tokens of context
     python bench.py generation --contexts 512 --device=cuda --new_tokens=64
     python bench.py --activation_checkpointing none full selective   # peak memory against step time
     python bench.py logits                              # one training step's peak, vocabulary 8192 and 256k
-    python bench.py memory palm_8b --world_size 8 --gpu_memory 80     # per GPU: what fits (nanopalm/memory.py)
-    python bench.py optimizer --preset seed_213m        # the optimizer step alone: AdamW vs PaLM's Adafactor
+    python bench.py memory --preset=palm_8b --world_size=8 --gpu_memory=80   # per GPU: what fits
+    python bench.py optimizer --preset=seed_213m        # the optimizer step alone: AdamW vs PaLM's Adafactor
 
-Each takes a preset (a model-shape or run preset from config/, or a JSON file) and any model key of
-`python train.py --help` as --key=value.
+Every subcommand takes --preset=NAME (a model-shape or run preset from config/, or a JSON file) and any model
+key of `python train.py --help` as --key=value; the flags that take several values (--compile,
+--activation_checkpointing, --contexts, --vocab_sizes) take them space-separated.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     m = sub.add_parser("memory", help="per-GPU memory of a run for DDP and FSDP2 and each activation-checkpointing "
                                       "mode, and the largest micro-batch that fits (an estimate: nanopalm/memory.py)")
-    m.add_argument("preset", nargs="?", default="palm_1b", help="a preset from config/ or a JSON file")
+    m.add_argument("--preset", default="palm_1b", help="a preset from config/ or a JSON file")
     m.add_argument("--world_size", type=int, default=8, help="GPUs (ranks) in all")
     m.add_argument("--gpu_memory", type=float, default=80.0, help="GiB of one GPU")
     m.add_argument("--reserve", type=float, default=0.1,

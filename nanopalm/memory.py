@@ -1,5 +1,5 @@
 """The memory of a training run per GPU, estimated before it starts: one estimator, for the planner
-(`python bench.py memory PRESET --world_size 8 --gpu_memory 80`) and for the trainer.
+(`python bench.py memory --preset=PRESET --world_size=8 --gpu_memory=80`) and for the trainer.
 
 A step holds, per GPU (docs/BENCHMARKS.md, "Memory planner", has the measurements behind each line):
   parameters   fp32 master weights, 1/world_size of them under FSDP2 (rows padded to equal shards), plus
@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from nanopalm.config import RunConfig
 from nanopalm.device import Precision
@@ -242,4 +243,32 @@ def measure(parts: list[Callable[[], None]], model: torch.nn.Module, optimizer: 
     return {str(getattr(kind, "value", kind)): value for kind, value in peak.items()}
 
 
-__all__ = ["Setup", "Estimate", "estimate", "largest_batch", "measure", "GIB"]
+def peak_bytes_of(fn: Callable[[], object], device: torch.device) -> int | None:
+    """The most bytes of tensor memory fn holds at once, beyond what was allocated before it.
+
+    CUDA: the caching allocator's peak. CPU: torch.profiler (profile_memory=True) records every
+    allocation and free of the CPU allocator, temporaries inside an operator included; their running
+    sum, in order, peaks at the answer. Exact to the byte and independent of the machine's load, unlike
+    the process's resident memory. None on other devices.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if device.type != "cpu":
+        return None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    held = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):  # nbytes: + allocated, - freed
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+
+__all__ = ["Setup", "Estimate", "estimate", "largest_batch", "measure", "peak_bytes_of", "GIB"]

@@ -1,14 +1,15 @@
 """Architectures built from the same code: GPT-2's choices, and models resized to a parameter budget.
 
-Every PaLM choice is a switch of PaLMConfig. GPT2_CHOICES sets each to GPT-2's (Radford et al. 2019) and
-`equal_size_gpt2` finds the GPT-2-style model of (nearly) the same parameter count, which the benchmarks
-and the ablation study compare PaLM against.
+Every PaLM choice is a switch of PaLMConfig. GPT2_CHOICES sets each to GPT-2's (Radford et al. 2019);
+`equal_size` resizes a model to a parameter count by its width, and `equal_size_gpt2` is the one GPT-2-style
+model of PaLM's size that the benchmarks and the ablation study both compare PaLM against.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from nanopalm.errors import UserError
 from nanopalm.model import PaLMConfig
 
 GPT2_CHOICES = dict(parallel_block=False, mlp="gelu", pos_emb="learned", logit_scale=False, z_loss=0.0,
@@ -43,23 +44,28 @@ def param_count(c: PaLMConfig) -> int:
     return total
 
 
-def equal_size_gpt2(palm: PaLMConfig, tolerance: float = 0.02) -> PaLMConfig:
-    """The GPT-2 architecture (serial block, GELU, learned positions, biases, MHA) with the parameter
-    count of `palm`, the same vocabulary, block size and number of heads.
+def equal_size(model: PaLMConfig, target: int, tolerance: float = 0.02) -> PaLMConfig:
+    """`model` resized to `target` parameters by its width alone, so that a comparison changes nothing else:
+    d_model (a multiple of 2; depth, heads and head size kept) with d_ff = 4 d_model, then d_ff alone
+    fine-tuned within 4 d_model +- 12.5% where a step of d_model is too coarse (small models). UserError if no
+    width lands within `tolerance`."""
+    def sized(width: int) -> PaLMConfig:
+        plain = dataclasses.replace(model, d_model=width, d_ff=4 * width)
+        per_unit = param_count(dataclasses.replace(plain, d_ff=4 * width + 1)) - param_count(plain)
+        d_ff = round(4 * width + (target - param_count(plain)) / per_unit)
+        return dataclasses.replace(plain, d_ff=min(max(d_ff, round(3.5 * width)), round(4.5 * width)))
 
-    Among the widths whose head size is a whole even number and depths up to 3x PaLM's, it takes the
-    depth closest to PaLM's that lands within `tolerance` of its parameter count (so that both models
-    run the same number of sequential blocks), and the closest count when none does.
-    """
-    target = param_count(palm)
-    keep = {k: v for k, v in dataclasses.asdict(palm).items() if k in ("vocab_size", "block_size", "dropout")}
+    candidates = [sized(w) for w in range(2, 4 * model.d_model + 1, 2)]
+    best = min(candidates, key=lambda c: (abs(param_count(c) - target), abs(c.d_ff - 4 * c.d_model)))
+    if abs(param_count(best) / target - 1) > tolerance:
+        raise UserError(f"no width gives {model} a parameter count within {tolerance:.0%} of {target:,}")
+    return best
 
-    def rank(c: PaLMConfig) -> tuple[bool, int, float]:
-        miss = abs(param_count(c) / target - 1)
-        return miss > tolerance, abs(c.n_layer - palm.n_layer) if miss <= tolerance else 0, miss
 
-    step = 2 * palm.n_head
-    candidates = (gpt2_config(**keep, n_layer=layers, n_head=palm.n_head, d_model=width)
-                  for width in range(step, 3 * palm.d_model + 1, step)
-                  for layers in range(1, 3 * palm.n_layer + 1))
-    return min(candidates, key=rank)
+def equal_size_gpt2(palm: PaLMConfig) -> PaLMConfig:
+    """The GPT-2-style model PaLM is compared with, in the benchmarks and the ablation study alike: GPT-2's
+    choices (GPT2_CHOICES, one K/V head per query head) on PaLM's depth, heads, head size, vocabulary and
+    block size, resized by `equal_size` to PaLM's parameter count."""
+    shape = {k: getattr(palm, k) for k in ("vocab_size", "block_size", "dropout", "n_layer", "n_head", "head_dim",
+                                           "d_model", "d_ff")}
+    return equal_size(gpt2_config(**shape), param_count(palm))

@@ -1,6 +1,8 @@
 """Shared fixtures: a small character-level Shakespeare dataset and tiny training configs."""
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +11,13 @@ import torch
 
 from nanopalm.config import DEFAULT_PRESET, build_config, load_preset
 from nanopalm.data import SplitStats, load_meta, read_token_file, write_meta, write_token_file
+from nanopalm.device import Precision
+from nanopalm.distributed import DistInfo, build_model
 from nanopalm.evaluate import document_bytes
+from nanopalm.model import PaLMConfig
+from nanopalm.optim import OptimConfig, build_optimizer
 from nanopalm.shakespeare import prepare
 from nanopalm.tokenizer import load_tokenizer
-from nanopalm.tools.bench import load_module
 from nanopalm.trainer import train
 
 # One thread, here and in the processes tests start: tiny models gain nothing from a second one, and two
@@ -27,7 +32,37 @@ REPO = Path(__file__).resolve().parents[1]
 def load_script(relative_path: str):
     """A command-line script of the repository ("bench.py", "scripts/baselines.py", "data/shakespeare/prepare.py"),
     imported by its path (the scripts are not part of the package), so that a test runs its `main` in process."""
-    return load_module(REPO / relative_path, "script_" + relative_path.removesuffix(".py").replace("/", "_"))
+    name = "script_" + relative_path.removesuffix(".py").replace("/", "_")
+    spec = importlib.util.spec_from_file_location(name, REPO / relative_path)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # registered: dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
+
+
+def training_step(config: PaLMConfig, batch: int, dtype: torch.dtype = torch.float32, checkpointing: str = "none",
+                  optimizer: str = "adamw", micro_batches: int = 1) -> tuple[list, torch.nn.Module, object]:
+    """A CPU training step as the trainer takes it (distributed.build_model, optim.build_optimizer, autocast,
+    clipping), on a seeded batch of random tokens: (its parts, the model, the optimizer). The parts are
+    `micro_batches` forward-backwards, then the update; one step has been taken (the optimizer's state)."""
+    cpu, precision = torch.device("cpu"), Precision(dtype)
+    model, _ = build_model(config, DistInfo(), cpu, precision, 0, checkpointing, False)
+    opt = build_optimizer(model, OptimConfig(optimizer=optimizer), "cpu")
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(config.vocab_size, (batch, config.block_size + 1), generator=generator)
+
+    def forward_backward() -> None:
+        with precision.autocast(cpu):
+            model(tokens[:, :-1], tokens[:, 1:]).loss.backward()
+
+    def update() -> None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    parts = [forward_backward] * micro_batches + [update]
+    for part in parts:
+        part()
+    return parts, model, opt
 
 
 @pytest.fixture(scope="session")

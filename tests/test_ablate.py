@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_RUN
 
-from nanopalm.config import build_config
+from nanopalm.config import build_config, load_preset
 from nanopalm.errors import UserError
 from nanopalm.metrics import read_metrics
 from nanopalm.tools import ablate
 from nanopalm.trainer import train
-from nanopalm.variants import GPT2_CHOICES, param_count
+from nanopalm.variants import GPT2_CHOICES, equal_size_gpt2, param_count
 
 
 def test_every_variant_is_one_switch_away_and_the_same_size():
@@ -34,6 +34,14 @@ def test_every_variant_is_one_switch_away_and_the_same_size():
             differing = {k for k in mine if mine[k] != theirs[k]} - {"d_model", "d_ff"}
             palm_choice, gpt2_choice, _ = ablate.SWITCHES[v.switch]
             assert differing and differing <= {*palm_choice, *gpt2_choice}, (v.name, differing)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "shakespeare"])
+def test_the_ablations_gpt2_is_the_benchmarks_gpt2(preset):
+    """One GPT-2-style baseline: the study's gpt2 run trains the model that bench.py --compare times."""
+    base = TINY_RUN if preset == "tiny" else load_preset(preset)
+    palm, gpt2 = (build_config(ablate.run_values(v, base, 0, "out", {})).model for v in ablate.variants("palm")[:2])
+    assert gpt2 == equal_size_gpt2(palm)
 
 
 def test_the_ablation_runs_resumes_a_killed_run_skips_finished_ones_and_writes_the_table(small_val_dataset,

@@ -5,13 +5,13 @@ torch.compile (slow). Under DDP and FSDP2: tests/test_distributed.py trains with
 
 import pytest
 import torch
+from conftest import training_step
 
 from nanopalm import checkpoint as ckpt
 from nanopalm import distributed as D
 from nanopalm.device import Precision
 from nanopalm.memory import measure
 from nanopalm.model import PaLMConfig
-from nanopalm.tools.bench import make_train_bench
 from nanopalm.trainer import train
 
 PALM = PaLMConfig(vocab_size=128, block_size=32, n_layer=3, n_head=4, head_dim=16, d_model=64, dropout=0.1)
@@ -48,9 +48,7 @@ def test_checkpointing_keeps_less_memory():
     config = PaLMConfig(**{**PALM.to_dict(), "dropout": 0.0, "n_layer": 4, "block_size": 64})
     peaks = {}
     for mode in MODES:
-        bench = make_train_bench(mode, config, 8, torch.device("cpu"), torch.float32, False, mode)
-        bench.step()
-        peaks[mode] = measure([bench.forward_backward, bench.update], bench.model, bench.optimizer)["Total"]
+        peaks[mode] = measure(*training_step(config, 8, checkpointing=mode))["Total"]
     assert peaks["full"] < 0.8 * peaks["selective"] < 0.8 * peaks["none"]
 
 

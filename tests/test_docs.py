@@ -57,7 +57,7 @@ RUN = [
     ("python bench.py generation --threads 1", ["--preset", "tiny", "--new_tokens", "2", "--repeats", "1",
                                                 "--contexts", "8", "--block_size", "64"]),
     ("python bench.py logits", ["--vocab_sizes", "256", "--block_size", "64"]),
-    ("python bench.py memory palm_8b --world_size 8 --gpu_memory 80", []),
+    ("python bench.py memory --preset=palm_8b --world_size 8 --gpu_memory 80", []),
     ("python -m nanopalm.tools.ablate --doc docs/ABLATIONS.md", ["--dry_run"]),
 ]
 NOT_CHECKED = {

@@ -12,8 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanopalm.distributed import compile_blocks
 from nanopalm.fused import apply_rope, linear_cross_entropy, split_projection
+from nanopalm.memory import peak_bytes_of
 from nanopalm.model import MLP, Attention, PaLM, PaLMConfig, lm_losses, rope_tables
-from nanopalm.tools.bench import peak_bytes_of
 
 # ------------------------------------------------------------------------------------- the output layer
 

@@ -34,8 +34,7 @@ from nanopalm.atomic import ensure_dir, write_atomic
 from nanopalm.config import build_config, load_preset, parse_overrides
 from nanopalm.errors import ArgumentParser, UserError, run_cli
 from nanopalm.metrics import read_metrics
-from nanopalm.model import PaLMConfig
-from nanopalm.variants import param_count
+from nanopalm.variants import equal_size, param_count
 
 ADAFACTOR = dict(optimizer="adafactor", learning_rate=1e-2, lr_schedule="palm", weight_decay_mode="lr_squared")
 ADAMW = dict(optimizer="adamw", learning_rate=6e-3, min_lr=6e-4, lr_schedule="cosine", warmup_iters=20,
@@ -93,23 +92,6 @@ def variants(which: str) -> list[Variant]:
     if which in ("gpt2", "both"):
         out += [Variant(f"gpt2+{name}", name, {**gpt2, **choice}) for name, (choice, _, _) in SWITCHES.items()]
     return out
-
-
-def equal_size(model: PaLMConfig, target: int, tolerance: float = 0.02) -> PaLMConfig:
-    """`model` resized to `target` parameters by its width: d_model (a multiple of 2, heads and depth kept)
-    with d_ff = 4 d_model, then d_ff alone fine-tuned within 4 d_model +- 12.5% where a step of d_model is too
-    coarse (small models). UserError if no width lands within `tolerance`."""
-    def sized(width: int) -> PaLMConfig:
-        plain = dataclasses.replace(model, d_model=width, d_ff=4 * width)
-        per_unit = param_count(dataclasses.replace(plain, d_ff=4 * width + 1)) - param_count(plain)
-        d_ff = round(4 * width + (target - param_count(plain)) / per_unit)
-        return dataclasses.replace(plain, d_ff=min(max(d_ff, round(3.5 * width)), round(4.5 * width)))
-
-    candidates = [sized(w) for w in range(2, 4 * model.d_model + 1, 2)]
-    best = min(candidates, key=lambda c: (abs(param_count(c) - target), abs(c.d_ff - 4 * c.d_model)))
-    if abs(param_count(best) / target - 1) > tolerance:
-        raise UserError(f"no width gives {model} a parameter count within {tolerance:.0%} of {target:,}")
-    return best
 
 
 def run_values(variant: Variant, base: dict, seed: int, out: Path, budget: dict) -> dict:

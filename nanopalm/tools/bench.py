@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from nanopalm.device import Precision
 from nanopalm.distributed import DistInfo, build_model
 from nanopalm.errors import UserError
-from nanopalm.memory import Estimate, Setup, estimate, measure
+from nanopalm.memory import Estimate, Setup, estimate, measure, peak_bytes_of
 from nanopalm.model import PaLM, PaLMConfig, lm_losses
 from nanopalm.optim import OptimConfig, build_optimizer
 from nanopalm.sampling import generate
@@ -102,33 +102,6 @@ def matmul_flops_per_token(model: PaLM) -> int:
     weights = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)}
     weights[id(model.output_weight())] = model.output_weight().numel()  # the embedding, when tied
     return 6 * sum(weights.values())
-
-
-def peak_bytes_of(fn: Callable[[], object], device: torch.device) -> int | None:
-    """The most bytes of tensor memory fn holds at once, beyond what was allocated before it.
-
-    CUDA: the caching allocator's peak. CPU: torch.profiler (profile_memory=True) records every
-    allocation and free of the CPU allocator, temporaries inside an operator included; their running
-    sum, in order, peaks at the answer. Exact to the byte and independent of the machine's load, unlike
-    the process's resident memory. None on other devices.
-    """
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    if device.type != "cpu":
-        return None
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    held = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):  # nbytes: + allocated, - freed
-        held += event.nbytes()
-        peak = max(peak, held)
-    return peak
 
 
 @dataclasses.dataclass
