@@ -1,10 +1,10 @@
 """Evaluate a trained model: every token of its val split (or train split, or your own text) in bits per byte,
 or the lm-evaluation-harness's tasks. docs/EVAL.md has the details and the figures.
 
-    python eval.py out-shakespeare                     # the whole val split: loss, bits per byte, a JSON file
-    python eval.py RUN --stride 128                    # sliding windows: each token once, with more context
-    python eval.py RUN --split train                   # or --data_files a.txt b.md (the run's tokenizer)
-    python eval.py RUN --tasks lambada_openai,hellaswag --num_fewshot 0 --limit 200   # pip install -e ".[eval]"
+    python eval.py --out_dir=out-shakespeare           # the whole val split: loss, bits per byte, a JSON file
+    python eval.py --out_dir=RUN --stride=128          # sliding windows: each token once, with more context
+    python eval.py --out_dir=RUN --split=train         # or --data_files a.txt b.md (the run's tokenizer)
+    python eval.py --out_dir=RUN --tasks=lambada_openai,hellaswag --num_fewshot=0 --limit=200  # the [eval] extra
 
 The weights come from the run's best checkpoint (or the checkpoint directory given). The result is also
 written as JSON, by default to RUN/eval/<split, the files' names, or tasks>.json.
@@ -23,8 +23,8 @@ from nanopalm.evaluate import evaluate_run, read_texts, write_json
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", nargs="?", default="out-shakespeare",
-                   help="run directory (or one checkpoint directory in it); default: the default run's")
+    p.add_argument("--out_dir", default="out-shakespeare",
+                   help="the run to evaluate (or one checkpoint directory in it), as train.py and sample.py name it")
     text = p.add_argument_group("whole-split scoring (the default)")
     text.add_argument("--split", choices=("val", "train"), default=None, help="the split to score (default: val)")
     text.add_argument("--data_files", nargs="+", metavar="FILE", help="score these UTF-8 text files instead")
@@ -79,13 +79,13 @@ def main(argv: list[str]) -> None:
         except ImportError as e:
             raise UserError(f"--tasks needs the lm-evaluation-harness ({e}): pip install -e \".[eval]\"") from None
         manager = harness.task_manager(names, args.include_path)  # an unknown task fails before the model loads
-        lm = harness.NanoPalmLM(run=args.run, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+        lm = harness.NanoPalmLM(run=args.out_dir, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                                 stride=args.stride)
         result = {**lm.get_model_info(), **harness.run_tasks(lm, names, manager, args.num_fewshot, args.limit)}
         what = "tasks"
     else:
         texts = read_texts(args.data_files) if args.data_files else None
-        result = evaluate_run(args.run, args.split or "val", texts, args.dataset, args.stride, args.batch_size,
+        result = evaluate_run(args.out_dir, args.split or "val", texts, args.dataset, args.stride, args.batch_size,
                               args.device, args.dtype)
         what = output_name(args.data_files) if texts else args.split or "val"
         if args.stride:

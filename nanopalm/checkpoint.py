@@ -31,8 +31,8 @@ from safetensors.torch import load_file, save_file
 
 from nanopalm import atomic
 from nanopalm import distributed as D
-from nanopalm.config import RUN_CONFIG_FILE, RunConfig, config_from_dict
-from nanopalm.errors import ArgumentParser, UserError, warn
+from nanopalm.config import RunConfig, config_from_dict
+from nanopalm.errors import UserError, warn
 from nanopalm.faults import fault_point
 from nanopalm.model import PaLM
 from nanopalm.tokenizer import Tokenizer, load_tokenizer
@@ -410,6 +410,9 @@ class Checkpointer:
         """Load the weights, and with an optimizer also its state, the scaler's and the TrainState, from a
         checkpoint of either format written by any number of ranks."""
         trainer_state = read_trainer_state(checkpoint.path) if optimizer is not None else None
+        if trainer_state is not None and trainer_state.get("optimizer", {}) is None:
+            raise UserError(f"{checkpoint.path} holds weights alone (python -m nanopalm.convert import made it): "
+                            f"finetune them with --init_from={checkpoint.run_dir} in a new --out_dir")
         if checkpoint.sharded:  # every rank reads what its own shards need
             from nanopalm import sharded
 
@@ -426,53 +429,3 @@ class Checkpointer:
         if trainer_state is not None and scaler is not None:
             scaler.load_state_dict(trainer_state["scaler"])
         return TrainState() if optimizer is None else checkpoint.train_state()
-
-
-# ---- consolidation: `python -m nanopalm.checkpoint consolidate RUN` -------------------------------------
-def consolidate(source: str | Path, out: str | Path | None = None) -> Path:
-    """Write the newest good checkpoint of run `source` (or the checkpoint directory `source`), sharded, as
-    a single-file checkpoint (model.safetensors, trainer.pt with the whole optimizer state) in run directory
-    `out` (default: SOURCE-consolidated), with the run's tokenizer and config: what sample.py, eval.py and
-    --init_from read on any machine, and one process resumes. Holds the whole state in CPU memory."""
-    found = find_checkpoint(source)
-    if not found.sharded:
-        raise UserError(f"{found.path} is already a single-file checkpoint: sample.py, eval.py and --init_from "
-                        "read it as it is")
-    out_dir = Path(out) if out else found.run_dir.with_name(found.run_dir.name + "-consolidated")
-    if (out_dir / "checkpoints").exists():
-        raise UserError(f"{out_dir} already holds checkpoints: give another --out (or remove it)")
-    from nanopalm import sharded
-
-    tokenizer = load_tokenizer(found.run_dir)  # sample.py reads it from the run directory: first, or nothing
-    size = sum(f.stat().st_size for f in found.path.iterdir() if f.is_file())
-    print(f"reading {found.path} ({size / 2**30:.2f} GiB, every rank's shards) into memory...", flush=True)
-    weights, optimizer_state = sharded.read_whole(found.path)
-    trainer_state = read_trainer_state(found.path)
-    groups = trainer_state["param_groups"]
-    numbers = {name: i for i, name in enumerate(name for group in groups for name in group["params"])}
-    optimizer = D.renumber_optimizer_state({"state": optimizer_state, "param_groups": groups}, numbers)
-    meta = {k: v for k, v in found.meta.items() if k not in ("sha256", "format", "format_version", "step")}
-    print(f"writing {checkpoint_dir(out_dir, found.step)}...", flush=True)
-    write_checkpoint(out_dir, found.step, weights, {"optimizer": optimizer, "scaler": trainer_state["scaler"]},
-                     meta, keep_last=1)
-    tokenizer.save(out_dir)
-    if (found.run_dir / RUN_CONFIG_FILE).is_file():
-        shutil.copyfile(found.run_dir / RUN_CONFIG_FILE, out_dir / RUN_CONFIG_FILE)
-    return checkpoint_dir(out_dir, found.step)
-
-
-def main(argv: list[str]) -> None:
-    parser = ArgumentParser(prog="python -m nanopalm.checkpoint", description=consolidate.__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    command = sub.add_parser("consolidate", help="a sharded checkpoint as one single-file checkpoint")
-    command.add_argument("source", help="a run directory (its newest good checkpoint) or a checkpoint directory")
-    command.add_argument("--out", default=None, help="the run directory to write (default: SOURCE-consolidated)")
-    args = parser.parse_args(argv)
-    written = consolidate(args.source, args.out)
-    print(f"wrote {written}; to sample from it: python sample.py --out_dir={written.parent.parent}")
-
-
-if __name__ == "__main__":
-    from nanopalm.errors import run_cli
-
-    raise SystemExit(run_cli(main))

@@ -1,8 +1,8 @@
 """Whole-split evaluation: the loss and bits per byte of every token of a split, or of your own text.
 
-    python eval.py RUN                            # the run's whole val split, non-overlapping windows
-    python eval.py RUN --stride 128               # sliding windows: each token still scored once, more context
-    python eval.py RUN --data_files a.txt b.md    # your own text, tokenized with the run's tokenizer
+    python eval.py --out_dir=RUN                           # the run's whole val split, non-overlapping windows
+    python eval.py --out_dir=RUN --stride=128              # sliding windows: each token scored once, more context
+    python eval.py --out_dir=RUN --data_files a.txt b.md   # your own text, tokenized with the run's tokenizer
 
 What is scored. A stream (a split, or one text file) of n tokens is scored after one end-of-document token,
 so its first token is predicted as the start of a document, as every document is in training, and all n

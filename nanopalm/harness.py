@@ -1,7 +1,7 @@
 """The lm-evaluation-harness (PyPI `lm-eval`) on a nanoPALM model: an `lm_eval.api.model.LM` registered
 under the name `nanopalm`.
 
-    python eval.py RUN --tasks lambada_openai,hellaswag --num_fewshot 0 --limit 200   # through simple_evaluate
+    python eval.py --out_dir=RUN --tasks=lambada_openai,hellaswag --num_fewshot=0 --limit=200  # simple_evaluate
     python -m nanopalm.harness run --model nanopalm --model_args run=RUN --tasks hellaswag   # the harness's CLI
 
 The second line is the harness's own command line (every flag of `lm-eval run`), with this module imported

@@ -3,7 +3,7 @@ hub's English tasks mean little to them, and need the hub). They are written as 
 lines into a directory, and run offline:
 
     python -m nanopalm.shakespeare_tasks tasks/ --docs 500
-    python eval.py out-shakespeare --tasks shakespeare_next_line,shakespeare_speaker --include_path tasks/
+    python eval.py --out_dir=out-shakespeare --tasks=shakespeare_next_line,shakespeare_speaker --include_path=tasks/
 
 shakespeare_next_line  multiple choice (acc, acc_norm): a few lines of a scene; which of four lines comes
                        next? The three others are lines of other scenes: chance is 25%.
@@ -116,7 +116,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--seed", type=int, default=0, help="which lines and speeches are drawn")
     args = p.parse_args(argv)
     names = write_tasks(args.directory, args.docs, args.seed)
-    print(f"wrote {', '.join(names)} into {args.directory}: python eval.py RUN --tasks {','.join(names)} "
+    print(f"wrote {', '.join(names)} into {args.directory}: python eval.py --out_dir=RUN --tasks={','.join(names)} "
           f"--include_path {args.directory}")
 
 

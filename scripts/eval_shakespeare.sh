@@ -9,11 +9,11 @@ cd "$(dirname "$0")/.."
 OUT=docs/results
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1  # the local tasks need no hub
 mkdir -p "$OUT"
-python eval.py "$RUN" --output "$OUT/shakespeare_val.json"
-python eval.py "$RUN" --stride 128 --output "$OUT/shakespeare_val_stride128.json"
+python eval.py --out_dir="$RUN" --output="$OUT/shakespeare_val.json"
+python eval.py --out_dir="$RUN" --stride=128 --output="$OUT/shakespeare_val_stride128.json"
 TASKS=$(mktemp -d)
 trap 'rm -rf "$TASKS"' EXIT
 python -m nanopalm.shakespeare_tasks "$TASKS" --docs 500
-python eval.py "$RUN" --tasks shakespeare_next_line,shakespeare_speaker --include_path "$TASKS" \
+python eval.py --out_dir="$RUN" --tasks=shakespeare_next_line,shakespeare_speaker --include_path="$TASKS" \
     --output "$OUT/shakespeare_tasks.json"
 grep '"val_bpb_full"' "$RUN/metrics.jsonl" > "$OUT/shakespeare_val_bpb_full.jsonl"

@@ -77,7 +77,7 @@ SCALE="--dataset=$OUT/synthetic --vocab_size=32 --block_size=256 --eval_interval
 run "medium scale: meta init, selective AC, sharded save, resume, consolidate, sample" "$([[ -n $GPU ]] && echo 80 || echo 240)" bash -c "
     $PYTHON tests/gpu/synthetic.py $OUT/synthetic && $PYTHON train.py $SCALE --max_iters=20 &&
     $PYTHON train.py $SCALE --max_iters=30 --resume &&
-    $PYTHON -m nanopalm.checkpoint consolidate $OUT/scale --out $OUT/scale-single &&
+    $PYTHON -m nanopalm.convert consolidate $OUT/scale --out $OUT/scale-single &&
     $PYTHON sample.py --out_dir=$OUT/scale-single --max_new_tokens=20"
 if [[ -n $GPU ]]; then
     bench "memory planner against the CUDA allocator, default model, batch 8" 30 \

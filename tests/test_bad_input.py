@@ -19,6 +19,7 @@ from conftest import REPO, TINY_RUN, load_script
 from safetensors.torch import save_file
 
 from nanopalm import checkpoint as ckpt
+from nanopalm import convert
 from nanopalm import distributed as D
 from nanopalm.atomic import sha256
 from nanopalm.config import build_config
@@ -30,7 +31,7 @@ from nanopalm.trainer import Trainer
 
 SCRIPTS = {"train": "train.py", "sample": "sample.py", "prepare": "data/text/prepare.py", "plot": "nanopalm/plot.py",
            "prepare_shakespeare": "data/shakespeare/prepare.py",
-           "eval": "eval.py", "consolidate": "-m nanopalm.checkpoint consolidate"}
+           "eval": "eval.py", "consolidate": "-m nanopalm.convert consolidate"}
 READ_ONLY = "/sys/nanopalm_bad_input"  # sysfs refuses new directories, even to root
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -146,22 +147,23 @@ CASES = [
     Case("max_new_tokens not a number", "sample", ("--max_new_tokens=ten",),
          "argument --max_new_tokens: invalid int value: 'ten' (see --help)"),
     # evaluation (eval.py)
-    Case("eval a run without a checkpoint", "eval", ("{no_checkpoint}",),
+    Case("eval a run without a checkpoint", "eval", ("--out_dir={no_checkpoint}",),
          "no checkpoint in {no_checkpoint}: train first", out="{no_checkpoint}"),
-    Case("eval an unknown task", "eval", ("{run}", "--tasks=no_such_task"),
+    Case("eval an unknown task", "eval", ("--out_dir={run}", "--tasks=no_such_task"),
          "unknown task(s) no_such_task: `lm-eval ls tasks` lists the harness's tasks", out="{run}", slow=True),
-    Case("eval a non-UTF-8 file", "eval", ("{run}", "--data_files={latin1}"),
+    Case("eval a non-UTF-8 file", "eval", ("--out_dir={run}", "--data_files={latin1}"),
          "latin1.txt is not UTF-8 text (byte 14: invalid continuation byte)", subprocess=True, out="{run}"),
-    Case("eval an empty file", "eval", ("{run}", "--data_files={empty}"),
+    Case("eval an empty file", "eval", ("--out_dir={run}", "--data_files={empty}"),
          "--data_files {empty} is empty (or only whitespace): there is nothing to score", out="{run}"),
-    Case("eval a task whose data is on the Hub, offline", "eval", ("{run}", "--tasks=lambada_openai", "--limit=2"),
+    Case("eval a task whose data is on the Hub, offline", "eval",
+         ("--out_dir={run}", "--tasks=lambada_openai", "--limit=2"),
          "a task's data is on the Hugging Face Hub, which cannot be reached from here", out="{run}", slow=True,
          subprocess=True, others_log=True),
-    Case("eval stride zero", "eval", ("{run}", "--stride=0"), "--stride=0 must be at least 1", out="{run}"),
-    Case("eval stride of block_size", "eval", ("{run}", "--stride=32"),
+    Case("eval stride zero", "eval", ("--out_dir={run}", "--stride=0"), "--stride=0 must be at least 1", out="{run}"),
+    Case("eval stride of block_size", "eval", ("--out_dir={run}", "--stride=32"),
          "--stride 32 must be between 1 and block_size - 1 = 31", out="{run}"),
-    Case("eval limit zero", "eval", ("{run}", "--tasks=hellaswag", "--limit=0"), "--limit=0 must be at least 1",
-         out="{run}"),
+    Case("eval limit zero", "eval", ("--out_dir={run}", "--tasks=hellaswag", "--limit=0"),
+         "--limit=0 must be at least 1", out="{run}"),
 ]
 
 
@@ -277,7 +279,7 @@ def subprocess_results(world) -> dict[str, tuple[int, str, str, bool]]:
 
 def script_main(cli: str):
     if cli == "consolidate":
-        return lambda args: ckpt.main(["consolidate", *args])
+        return lambda args: convert.main(["consolidate", *args])
     return load_script(SCRIPTS[cli]).main
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nanopalm import checkpoint as ckpt
+from nanopalm import convert
 from nanopalm import distributed as D
 from nanopalm.config import build_config
 from nanopalm.errors import UserError
@@ -126,9 +127,9 @@ def test_fsdp_in_bf16_runs_the_gpu_recipe(reference_values, one_process, tmp_pat
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_a_checkpoint_saved_by_two_ranks_resumes_on_one(mode, reference_values, one_process, request, tmp_path):
     """DDP's single-file checkpoint as is; FSDP2's sharded one both as is (DCP reshards 2 -> 1) and as
-    consolidated into the single-file layout (python -m nanopalm.checkpoint consolidate)."""
+    consolidated into the single-file layout (python -m nanopalm.convert consolidate)."""
     saved = ckpt.checkpoint_dir(request.getfixturevalue(mode)[0], 6)
-    single = ckpt.consolidate(saved, tmp_path / "consolidated") if mode == "fsdp" else saved
+    single = convert.consolidate(saved, tmp_path / "consolidated") if mode == "fsdp" else saved
     # The same layout as one process writes: full weights, optimizer state numbered as torch numbers it.
     mine = torch.load(ckpt.checkpoint_dir(one_process, 6) / ckpt.TRAINER_FILE, weights_only=True)["optimizer"]
     theirs = torch.load(single / ckpt.TRAINER_FILE, weights_only=True)["optimizer"]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, load_script
 
-from nanopalm import checkpoint as ckpt
+from nanopalm import convert
 from nanopalm.config import help_text, parse_args
 from nanopalm.shakespeare import load_passages
 from nanopalm.tools import ablate
@@ -44,20 +44,20 @@ RUN = [
     ("python train.py --init_from=out-shakespeare --dataset=shakespeare --out_dir=out-finetune --dropout=0.1 "
      "--learning_rate=3e-5", TINY_TRAINING),
     ("python eval.py", []),
-    ("python eval.py out-shakespeare", []),
-    ("python eval.py out-shakespeare --stride 128", []),
+    ("python eval.py --out_dir=out-shakespeare", []),
+    ("python eval.py --out_dir=out-shakespeare --stride=128", []),
     ("python -m nanopalm.shakespeare_tasks tasks/ --docs 500", []),
-    ("python eval.py out-shakespeare --tasks shakespeare_next_line,shakespeare_speaker --include_path tasks/",
+    ("python eval.py --out_dir=out-shakespeare --tasks=shakespeare_next_line,shakespeare_speaker --include_path=tasks/",
      ["--limit", "2"]),
     ("python scripts/baselines.py", []),
     ("python data/text/prepare.py --data_files book.txt --out_dir data/book", []),
     ("python train.py --dataset=book", TINY_MODEL + TINY_TRAINING + ["--out_dir=out-book"]),
     ("python bench.py", TINY_BENCH),
     ("python bench.py --compare", TINY_BENCH),
-    ("python bench.py generation --threads 1", ["--preset", "tiny", "--new_tokens", "2", "--repeats", "1",
+    ("python bench.py generation --threads=1", ["--preset", "tiny", "--new_tokens", "2", "--repeats", "1",
                                                 "--contexts", "8", "--block_size", "64"]),
     ("python bench.py logits", ["--vocab_sizes", "256", "--block_size", "64"]),
-    ("python bench.py memory --preset=palm_8b --world_size 8 --gpu_memory 80", []),
+    ("python bench.py memory --preset=palm_8b --world_size=8 --gpu_memory=80", []),
     ("python -m nanopalm.tools.ablate --doc docs/ABLATIONS.md", ["--dry_run"]),
 ]
 NOT_CHECKED = {
@@ -72,7 +72,7 @@ NOT_CHECKED = {
 }
 # Names in prose, not commands to run as they stand: the module or file must exist.
 MENTIONS = {"python -m nanopalm.plot": "nanopalm/plot.py", "python -m nanopalm.harness": "nanopalm/harness.py",
-            "python -m nanopalm.checkpoint consolidate": "nanopalm/checkpoint.py", "python bench.py memory": "bench.py",
+            "python -m nanopalm.convert consolidate": "nanopalm/convert.py", "python bench.py memory": "bench.py",
             "torchrun --standalone": "train.py", "scripts/fused_before_after.py": "scripts/fused_before_after.py"}
 
 
@@ -132,10 +132,11 @@ def parse_only(command: str, monkeypatch) -> None:
         monkeypatch.setattr(module, "prepare", lambda *a, **k: calls.append(a))
         module.main(args)
         assert calls, command
-    elif script == "-m nanopalm.checkpoint":
+    elif script == "-m nanopalm.convert":
         calls = []
-        monkeypatch.setattr(ckpt, "consolidate", lambda *a: calls.append(a) or Path("run/checkpoints/step_1"))
-        ckpt.main(args)
+        for name in ("consolidate", "export", "import_model"):
+            monkeypatch.setattr(convert, name, lambda *a: calls.append(a) or Path("run/checkpoints/step_1"))
+        convert.main(args)
         assert calls, command
     elif script == "-m nanopalm.tools.ablate":
         ablate.parse_args(args)

@@ -84,7 +84,7 @@ def test_the_bytes_are_those_of_the_documents_text(char_dataset):
 
 def test_eval_py_scores_the_whole_val_split(eval_run, small_val_dataset, tmp_path):
     meta = load_meta(small_val_dataset)
-    eval_main()([str(eval_run), "--batch_size=8"])
+    eval_main()([f"--out_dir={eval_run}", "--batch_size=8"])
     result = json.loads((eval_run / "eval" / "val.json").read_text())
     assert result["tokens"] == meta["val_tokens"] and result["bytes"] == meta["val_bytes"]  # every token, once
     # training's formula, val_loss / ln 2 / bytes_per_token_val, over the whole split
@@ -94,7 +94,7 @@ def test_eval_py_scores_the_whole_val_split(eval_run, small_val_dataset, tmp_pat
     assert result["step"] == EVAL_RUN["max_iters"] and result["dtype"] == "float32" and result["stride"] == 128
 
     out = tmp_path / "stride.json"
-    eval_main()([str(eval_run), "--stride=32", f"--output={out}"])
+    eval_main()([f"--out_dir={eval_run}", "--stride=32", f"--output={out}"])
     sliding = json.loads(out.read_text())
     assert (sliding["tokens"], sliding["bytes"]) == (result["tokens"], result["bytes"])
     assert sliding["loss"] < result["loss"]  # at least 97 tokens of context for every token after the first 128
@@ -105,14 +105,14 @@ def test_eval_py_scores_text_files_with_the_runs_tokenizer(eval_run, tmp_path):
     files[0].write_text("ROMEO:\nBut, soft! what light through yonder window breaks?\n")
     files[1].write_text("JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n")
     out = tmp_path / "files.json"
-    eval_main()([str(eval_run), "--data_files", *map(str, files), f"--output={out}"])
+    eval_main()([f"--out_dir={eval_run}", "--data_files", *map(str, files), f"--output={out}"])
     result = json.loads(out.read_text())
     per_file = result["data_files"]
     assert [per_file[str(f)]["bytes"] for f in files] == [len(f.read_bytes()) for f in files]
     assert result["tokens"] == sum(len(f.read_text()) for f in files)  # char tokenizer: one token a character
     assert result["nats"] == pytest.approx(sum(p["nats"] for p in per_file.values()))
-    eval_main()([str(eval_run), "--data_files", str(files[1])])  # by default named after the files it scored
-    eval_main()([str(eval_run), "--data_files", *map(str, files)])
+    eval_main()([f"--out_dir={eval_run}", "--data_files", str(files[1])])  # by default named after the files it scored
+    eval_main()([f"--out_dir={eval_run}", "--data_files", *map(str, files)])
     written = {name: json.loads((eval_run / "eval" / name).read_text())["data_files"].keys()
                for name in ("b.json", "a+b.json")}
     assert written["b.json"] == {str(files[1])} and written["a+b.json"] == set(map(str, files))

@@ -63,7 +63,7 @@ def test_local_tasks_run_through_simple_evaluate(lm, eval_run, tmp_path, monkeyp
     monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)  # `pip list` and more: 2-3 s
     names = write_tasks(tmp_path / "tasks", docs=6)
     out = tmp_path / "tasks.json"
-    eval_main()([str(eval_run), f"--tasks={','.join(names)}", f"--include_path={tmp_path / 'tasks'}",
+    eval_main()([f"--out_dir={eval_run}", f"--tasks={','.join(names)}", f"--include_path={tmp_path / 'tasks'}",
                  "--batch_size=3", "--device=cpu", f"--output={out}"])
     results = json.loads(out.read_text())["results"]
 
@@ -123,7 +123,7 @@ def test_loglikelihood_rolling_equals_eval_py_stride(lm, eval_run, tmp_path):
     for stride in (None, 32):
         out = tmp_path / f"{stride}.json"
         flags = [f"--stride={stride}"] if stride else []
-        eval_main()([str(eval_run), f"--data_files={path}", f"--output={out}", *flags])
+        eval_main()([f"--out_dir={eval_run}", f"--data_files={path}", f"--output={out}", *flags])
         rolling = NanoPalmLM(model=lm.model, tokenizer=lm.tokenizer, device="cpu", stride=stride)
         (ll,) = rolling.loglikelihood_rolling([request("loglikelihood_rolling", text)], disable_tqdm=True)
         assert ll == pytest.approx(-json.loads(out.read_text())["nats"], rel=1e-9)

@@ -19,7 +19,7 @@ from test_checkpoint import RunsAShellCommand
 from test_distributed import losses, torchrun
 
 from nanopalm import checkpoint as ckpt
-from nanopalm import sharded
+from nanopalm import convert, sharded
 from nanopalm.atomic import sha256
 from nanopalm.config import build_config
 from nanopalm.errors import run_cli
@@ -60,14 +60,14 @@ def test_a_sharded_run_resumes_bitwise(step, reference_values, one_process, shar
     train(build_config({**reference_values, "out_dir": str(out), "checkpoint_format": "sharded", "resume": True}))
     assert losses(out) == {k: v for k, v in losses(one_process).items() if k > step}
     expected = state(ckpt.checkpoint_dir(one_process, 12))
-    assert_bitwise(state(ckpt.consolidate(out, tmp_path / "consolidated")), expected)
+    assert_bitwise(state(convert.consolidate(out, tmp_path / "consolidated")), expected)
 
 
 def test_consolidation_gives_the_one_process_file_checkpoint_of_the_same_run(one_process, shards, tmp_path):
-    """`python -m nanopalm.checkpoint consolidate RUN`: bitwise what one process writes, and usable as is by
+    """`python -m nanopalm.convert consolidate RUN`: bitwise what one process writes, and usable as is by
     sample.py (its tokenizer and config come along)."""
     out = tmp_path / "consolidated"
-    result = subprocess.run([sys.executable, "-m", "nanopalm.checkpoint", "consolidate", str(shards),
+    result = subprocess.run([sys.executable, "-m", "nanopalm.convert", "consolidate", str(shards),
                              f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
