@@ -334,7 +334,11 @@ class Checkpointer:
         restarting this job after a failure), another run's best weights (--init_from), or scratch."""
         has_checkpoints = bool(_checkpoint_dirs(self.run_dir))
         if resume and has_checkpoints:
-            return StartPoint(self.latest_good(), resume=True)
+            newest = self.latest_good()
+            if "imported_from" in newest.meta:  # weights alone: no optimizer state, no data to continue on
+                raise UserError(f"{self.run_dir} was imported (python -m nanopalm.convert import): there is no run "
+                                f"to resume; finetune it with --init_from={self.run_dir} and a new --out_dir")
+            return StartPoint(newest, resume=True)
         if has_checkpoints:
             # torchrun restarted this job after a failure (--max_restarts): continue from the checkpoint this
             # same job wrote (a first start never finds one). Not TORCHELASTIC_RESTART_COUNT: on a node whose
@@ -410,9 +414,6 @@ class Checkpointer:
         """Load the weights, and with an optimizer also its state, the scaler's and the TrainState, from a
         checkpoint of either format written by any number of ranks."""
         trainer_state = read_trainer_state(checkpoint.path) if optimizer is not None else None
-        if trainer_state is not None and trainer_state.get("optimizer", {}) is None:
-            raise UserError(f"{checkpoint.path} holds weights alone (python -m nanopalm.convert import made it): "
-                            f"finetune them with --init_from={checkpoint.run_dir} in a new --out_dir")
         if checkpoint.sharded:  # every rank reads what its own shards need
             from nanopalm import sharded
 

@@ -34,7 +34,7 @@ from nanopalm.checkpoint import (
     write_checkpoint,
 )
 from nanopalm.config import RUN_CONFIG_FILE, build_config
-from nanopalm.errors import ArgumentParser, UserError, run_cli
+from nanopalm.errors import ArgumentParser, UserError, run_cli, warn
 from nanopalm.metrics import read_metrics
 from nanopalm.model import PaLM
 from nanopalm.tokenizer import HfTokenizer, load_tokenizer, tokenizer_fingerprint
@@ -78,7 +78,7 @@ def consolidate(source: str | Path, out: str | Path | None = None) -> Path:
 
 
 # ---- export -------------------------------------------------------------------------------------------------
-def _tensor_reader(found: Checkpoint) -> tuple[dict[str, torch.Size], Callable[[str], torch.Tensor]]:
+def tensor_reader(found: Checkpoint) -> tuple[dict[str, torch.Size], Callable[[str], torch.Tensor]]:
     """(name -> shape, read(name) -> the tensor) of a checkpoint of either format, one tensor at a time."""
     if found.sharded:
         from nanopalm import sharded
@@ -144,9 +144,9 @@ def export(run: str | Path, out: str | Path, dtype: str = "float32", max_shard_g
     generation_config.json, safetensors weights (above max_shard_gib, in files of at most that size with
     transformers' index), the tokenizer (tokenizer.json and its config), a README model card. Reads and
     writes one tensor at a time: never two copies of the model in memory."""
-    from transformers import CohereConfig, GenerationConfig, PreTrainedTokenizerFast
+    from transformers import CohereConfig, GenerationConfig
 
-    from nanopalm.hf import check_exportable, cohere_config, hf_tokenizer, to_cohere
+    from nanopalm.hf import check_exportable, cohere_config, hf_tokenizer, save_hf_tokenizer, to_cohere
 
     out = Path(out)
     if dtype not in DTYPES:
@@ -158,9 +158,12 @@ def export(run: str | Path, out: str | Path, dtype: str = "float32", max_shard_g
     found = find_checkpoint(run, prefer_best=True)
     c = found.config().model
     check_exportable(c)
+    if not c.tie_embeddings:
+        warn(f"{found.run_dir} does not tie its embeddings: transformers reads its lm_head, but vLLM's and "
+             "llama.cpp's Command-R take the output matrix from the input embedding (docs/HF.md)")
     tokenizer = load_tokenizer(found.run_dir)
     backend = hf_tokenizer(tokenizer)
-    shapes, read = _tensor_reader(found)
+    shapes, read = tensor_reader(found)
     with torch.device("meta"):
         check_weights_fit(PaLM(c), {k: torch.empty(v) for k, v in shapes.items()}, found.path)
         converted = {n: t.shape for name, shape in shapes.items() for n, t in to_cohere(name, torch.empty(shape), c)}
@@ -189,9 +192,7 @@ def export(run: str | Path, out: str | Path, dtype: str = "float32", max_shard_g
         CohereConfig(**cohere_config(c, tokenizer.eot_id, dtype)).save_pretrained(tmp)
         GenerationConfig(bos_token_id=None, eos_token_id=tokenizer.eot_id, pad_token_id=tokenizer.eot_id
                          ).save_pretrained(tmp)
-        eot = tokenizer.decode([tokenizer.eot_id])
-        PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eot, pad_token=eot, model_max_length=c.block_size,
-                                split_special_tokens=True, clean_up_tokenization_spaces=False).save_pretrained(tmp)
+        save_hf_tokenizer(backend, tokenizer.eot_id, tmp, c.block_size)
         (tmp / "README.md").write_text(_model_card(found, params, dtype, command))
 
     def manifest(checksums: dict[str, str]) -> bytes:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -203,3 +204,13 @@ def _sentencepiece_backend(tokenizer: Tokenizer):
     backend = Backend(models.BPE(vocab, merges, unk_token=unk, byte_fallback=True, fuse_unk=True))
     backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     return backend
+
+
+def save_hf_tokenizer(backend, eot_id: int, directory: Path, max_length: int) -> None:
+    """tokenizer.json and tokenizer_config.json for AutoTokenizer: `backend`'s ids, its token `eot_id` as end of
+    text and padding, and special tokens' strings in a text read as text (split_special_tokens), as here."""
+    from transformers import PreTrainedTokenizerFast
+
+    eot = backend.id_to_token(eot_id)
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eot, pad_token=eot, model_max_length=max_length,
+                            split_special_tokens=True, clean_up_tokenization_spaces=False).save_pretrained(directory)

@@ -75,11 +75,11 @@ class Trainer:
         self.precision = pick_precision(t.dtype, self.device, self.dist.sharded, t.tf32)
         D.check_divisible(t.gradient_accumulation_steps, self.dist)
         self.out_dir = self._check_out_dir(t.out_dir)
+        self.checkpointer = Checkpointer(self.out_dir, t.keep_last, self.dist, t.checkpoint_format)
+        start = self.checkpointer.start_point(t.resume, t.init_from)
         self.data_dir = shakespeare.resolve_or_prepare(t.dataset, self.dist.is_main, lambda: D.barrier(self.dist))
         self.data_meta = load_meta(self.data_dir)
         self.tokenizer_sha256 = tokenizer_fingerprint(self.data_dir)  # read once: every checkpoint records it
-        self.checkpointer = Checkpointer(self.out_dir, t.keep_last, self.dist, t.checkpoint_format)
-        start = self.checkpointer.start_point(t.resume, t.init_from)
         self.cfg, overridden = effective_config(cfg, start)
         if overridden and self.dist.is_main:
             print(f"the checkpoint's model settings apply: {', '.join(overridden)}", flush=True)

@@ -52,7 +52,8 @@ def training_step(config: PaLMConfig, batch: int, dtype: torch.dtype = torch.flo
 
     def forward_backward() -> None:
         with precision.autocast(cpu):
-            model(tokens[:, :-1], tokens[:, 1:]).loss.backward()
+            loss = model(tokens[:, :-1], tokens[:, 1:]).loss
+        loss.backward()  # outside autocast, as the trainer calls it
 
     def update() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

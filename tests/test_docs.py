@@ -38,6 +38,13 @@ TINY_BENCH = ["--preset", "tiny", "--steps", "1", "--repeats", "1", "--warmup", 
 RUN = [
     ("python data/shakespeare/prepare.py", []),
     ("python train.py", TINY_MODEL + TINY_TRAINING),
+    ("python -m nanopalm.convert export out-shakespeare hf-shakespeare", []),
+    ("python scripts/hf_check.py --out_dir=out-shakespeare", []),
+    ("python -m nanopalm.convert import hf-shakespeare out-imported", []),
+    ("python sample.py --out_dir=out-imported", ["--max_new_tokens=8"]),
+    ("python data/text/prepare.py --data_files=book.txt --tokenizer_from=out-imported --out_dir=data/imported", []),
+    ("python train.py --init_from=out-imported --dataset=imported --out_dir=out-finetune-imported --dropout=0.1 "
+     "--learning_rate=3e-5", TINY_TRAINING),
     ("python train.py --help", []),
     ("python sample.py", ["--max_new_tokens=8"]),
     ("python train.py --resume --out_dir=out-shakespeare", ["--max_iters=3"]),

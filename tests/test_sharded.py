@@ -104,6 +104,16 @@ def run_copy(shards, tmp_path) -> Path:
     return tmp_path / "run"
 
 
+def test_an_export_reads_a_sharded_checkpoint_one_tensor_at_a_time(one_process, shards):
+    """What `python -m nanopalm.convert export` streams from an FSDP2 run: each tensor whole, bitwise the
+    one-process run's, read alone (never the whole model in memory)."""
+    shapes, read = convert.tensor_reader(ckpt.find_checkpoint(shards))
+    expected = state(ckpt.checkpoint_dir(one_process, 12))[0]
+    assert shapes == {name: t.shape for name, t in expected.items()}
+    for name in shapes:
+        assert torch.equal(read(name), expected[name]), name
+
+
 @pytest.mark.parametrize("damage", [damage_flip_a_shard_byte, damage_cut_the_index, damage_lose_a_shard])
 def test_a_corrupt_shard_is_named_and_the_previous_checkpoint_used(reference_values, run_copy, damage, capsys):
     message = damage(ckpt.checkpoint_dir(run_copy, 12))
