@@ -80,7 +80,8 @@ NOT_CHECKED = {
 # Names in prose, not commands to run as they stand: the module or file must exist.
 MENTIONS = {"python -m nanopalm.plot": "nanopalm/plot.py", "python -m nanopalm.harness": "nanopalm/harness.py",
             "python -m nanopalm.convert consolidate": "nanopalm/convert.py", "python bench.py memory": "bench.py",
-            "torchrun --standalone": "train.py", "scripts/fused_before_after.py": "scripts/fused_before_after.py"}
+            "torchrun --standalone": "train.py", "scripts/fused_before_after.py": "scripts/fused_before_after.py",
+            "scripts/hf_check.py": "scripts/hf_check.py"}
 
 
 def documented_commands() -> list[tuple[str, str]]:
