@@ -251,6 +251,10 @@ def test_bad_config_is_one_clear_error(overrides, message):
 def test_presets_build_and_palm_shapes_follow_the_paper():
     for name in MODEL_PRESETS:
         cfg = model_config(name)
+        if name == "command_r_35b":  # Cohere's Command-R v01 (transformers' CohereConfig defaults): PaLM's block, MHA
+            assert (cfg.n_layer, cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.d_ff) == (40, 8192, 64, 64, 22528)
+            assert param_count(cfg) == 34_980_831_232  # 35B, as Cohere names it
+            continue
         assert cfg.n_kv_head == 1 and cfg.parallel_block  # all presets are PaLM-shaped
         if name.startswith("palm_") and name != "palm_20m":
             assert cfg.d_ff == 4 * cfg.d_model and cfg.head_dim in (128, 256)
