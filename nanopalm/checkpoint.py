@@ -34,6 +34,7 @@ from nanopalm import distributed as D
 from nanopalm.config import RunConfig, config_from_dict
 from nanopalm.errors import UserError, warn
 from nanopalm.faults import fault_point
+from nanopalm.lora import is_adapter, lora_base, merge_
 from nanopalm.model import PaLM
 from nanopalm.tokenizer import Tokenizer, load_tokenizer
 
@@ -211,8 +212,12 @@ def read_trainer_state(path: Path) -> dict:
 
 
 def check_weights_fit(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """A key or shape mismatch between a checkpoint and a model, as one line naming the difference."""
+    """A key or shape mismatch between a checkpoint and a model, as one line naming the difference. A LoRA
+    model loads its base's weights and its adapters apart: `state` holds either, never both."""
     own = model.state_dict()
+    if any(is_adapter(k) for k in own):
+        adapters = any(is_adapter(k) for k in state)
+        own = {k: v for k, v in own.items() if is_adapter(k) == adapters}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise UserError(f"checkpoint {source} does not fit this model: missing {missing[:3]}, "
@@ -223,15 +228,35 @@ def check_weights_fit(model: torch.nn.Module, state: dict[str, torch.Tensor], so
                             f"expects {tuple(own[name].shape)}; use the model settings it was trained with")
 
 
+def load_weights(checkpoint: Checkpoint, model: torch.nn.Module, info: D.DistInfo | None = None,
+                 verify: Callable[[Path], Checkpoint] = verify_checkpoint,
+                 optimizer: torch.optim.Optimizer | None = None, trainer_state: dict | None = None) -> None:
+    """A checkpoint's weights into `model` (on every rank of `info`), from either format: a LoRA checkpoint's
+    base first, then its adapters. A sharded checkpoint's optimizer state comes with its weights, if asked."""
+    base = lora_base(checkpoint, verify)
+    for source in ([base] if base is not None else []) + [checkpoint]:
+        if source.sharded:  # every rank reads what its own shards need
+            from nanopalm import sharded
+
+            shapes = sharded.tensor_shapes(source.path)
+            check_weights_fit(model, {name: torch.empty(shape, device="meta") for name, shape in shapes.items()},
+                              source.path)
+            sharded.load(source.path, model, *((optimizer, trainer_state) if source is checkpoint else (None, None)))
+        else:
+            weights = read_weights(source)
+            check_weights_fit(model, weights, source.path)
+            D.scatter_model_state(model, weights, info or D.DistInfo())
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", prefer_best: bool = True
                ) -> tuple[PaLM, Checkpoint]:
     """(model in eval mode on `device`, its checkpoint) from a run or checkpoint directory: what sample.py,
-    eval.py and finetuning start from. The best checkpoint by val loss, unless prefer_best=False."""
+    eval.py and finetuning start from. The best checkpoint by val loss, unless prefer_best=False. A LoRA
+    run's adapters come merged into its base: a plain model with the same logits."""
     found = find_checkpoint(path, prefer_best=prefer_best)
     model = PaLM(found.config().model)
-    weights = read_weights(found)
-    check_weights_fit(model, weights, found.path)
-    model.load_state_dict(weights)
+    load_weights(found, model)
+    merge_(model)
     return model.to(device).eval(), found
 
 
@@ -335,9 +360,10 @@ class Checkpointer:
         has_checkpoints = bool(_checkpoint_dirs(self.run_dir))
         if resume and has_checkpoints:
             newest = self.latest_good()
-            if "imported_from" in newest.meta:  # weights alone: no optimizer state, no data to continue on
-                raise UserError(f"{self.run_dir} was imported (python -m nanopalm.convert import): there is no run "
-                                f"to resume; finetune it with --init_from={self.run_dir} and a new --out_dir")
+            made = next((k for k in ("imported_from", "merged_from") if k in newest.meta), None)
+            if made:  # weights alone: no optimizer state, no data to continue on
+                raise UserError(f"{self.run_dir} was {made.split('_')[0]} by python -m nanopalm.convert: there is no "
+                                f"run to resume; finetune it with --init_from={self.run_dir} and a new --out_dir")
             return StartPoint(newest, resume=True)
         if has_checkpoints:
             # torchrun restarted this job after a failure (--max_restarts): continue from the checkpoint this
@@ -384,7 +410,8 @@ class Checkpointer:
         """Checkpoint step `state.step`: weights, optimizer, scaler and TrainState, with `meta` (config, ...)."""
         meta = {**meta, "train_state": dataclasses.asdict(state), "val_loss": val_loss,
                 "world_size": self.dist.world_size, "job_id": D.job_id(), "torch_version": torch.__version__}
-        if self.sharded:  # every rank checks and writes its own shards, rank 0 trainer.pt (nanopalm/sharded.py)
+        adapters = model.config.lora_rank > 0  # a LoRA run saves its adapters alone, single-file (they are small)
+        if self.sharded and not adapters:  # every rank checks and writes its own shards, rank 0 trainer.pt
             from nanopalm import sharded  # (here: DCP takes a second to import)
 
             shards = sharded.state_to_save(model, optimizer)
@@ -402,7 +429,7 @@ class Checkpointer:
             write_atomically(self.run_dir, state.step, write, {**meta, "format": "sharded"}, self.keep_last,
                              self.dist)
         else:  # gathered whole onto rank 0, which writes
-            model_state = D.gather_model_state(model, self.dist)
+            model_state = D.gather_model_state(model, self.dist, adapters)
             trainer_state = {"optimizer": D.gather_optimizer_state(model, optimizer, self.dist),
                              "scaler": scaler.state_dict()}
             if self.dist.is_main:
@@ -414,19 +441,9 @@ class Checkpointer:
         """Load the weights, and with an optimizer also its state, the scaler's and the TrainState, from a
         checkpoint of either format written by any number of ranks."""
         trainer_state = read_trainer_state(checkpoint.path) if optimizer is not None else None
-        if checkpoint.sharded:  # every rank reads what its own shards need
-            from nanopalm import sharded
-
-            shapes = sharded.tensor_shapes(checkpoint.path)
-            check_weights_fit(model, {name: torch.empty(shape, device="meta") for name, shape in shapes.items()},
-                              checkpoint.path)
-            sharded.load(checkpoint.path, model, optimizer, trainer_state)
-        else:
-            weights = read_weights(checkpoint)
-            check_weights_fit(model, weights, checkpoint.path)
-            D.scatter_model_state(model, weights, self.dist)
-            if optimizer is not None:
-                D.scatter_optimizer_state(model, optimizer, trainer_state["optimizer"], self.dist)
+        load_weights(checkpoint, model, self.dist, self.verify, optimizer, trainer_state)
+        if optimizer is not None and not checkpoint.sharded:
+            D.scatter_optimizer_state(model, optimizer, trainer_state["optimizer"], self.dist)
         if trainer_state is not None and scaler is not None:
             scaler.load_state_dict(trainer_state["scaler"])
         return TrainState() if optimizer is None else checkpoint.train_state()

@@ -3,6 +3,7 @@
     python -m nanopalm.convert consolidate RUN [--out=DIR]    # a sharded (FSDP2) checkpoint as one file
     python -m nanopalm.convert export RUN HF_DIR [--dtype=bfloat16] [--force]   # a transformers model
     python -m nanopalm.convert import HF_DIR RUN [--force]     # a transformers 'cohere' model as a run
+    python -m nanopalm.convert merge LORA_RUN RUN [--force]    # a LoRA run's adapters merged: a plain run
 
 export and import need the `[hf]` extra (pip install -e ".[hf]"); docs/HF.md shows what to do with the result.
 """
@@ -30,10 +31,11 @@ from nanopalm.checkpoint import (
     check_weights_fit,
     checkpoint_dir,
     find_checkpoint,
+    load_model,
     read_trainer_state,
     write_checkpoint,
 )
-from nanopalm.config import RUN_CONFIG_FILE, build_config
+from nanopalm.config import RUN_CONFIG_FILE, RunConfig, build_config
 from nanopalm.errors import ArgumentParser, UserError, run_cli, warn
 from nanopalm.metrics import read_metrics
 from nanopalm.model import PaLM
@@ -157,6 +159,9 @@ def export(run: str | Path, out: str | Path, dtype: str = "float32", max_shard_g
         raise UserError(f"{out} exists: give a new directory, or --force to replace it")
     found = find_checkpoint(run, prefer_best=True)
     c = found.config().model
+    if c.lora_rank:
+        raise UserError(f"{found.run_dir} is a LoRA run: merge its adapters first (python -m nanopalm.convert merge "
+                        f"{found.run_dir} MERGED_RUN), then export MERGED_RUN")
     check_exportable(c)
     if not c.tie_embeddings:
         warn(f"{found.run_dir} does not tie its embeddings: transformers reads its lm_head, but vLLM's and "
@@ -258,15 +263,38 @@ def import_model(source: str | Path, run: str | Path, force: bool = False) -> Pa
         check_weights_fit(PaLM(model_config), state, source)
     config = build_config({**model_config.to_dict(), "out_dir": str(run), "dataset": "",
                            "init_from": ""})
+    return _write_run(run, config, tokenizer, state, 0, {"imported_from": str(source), "tokenizer": "hf"})
+
+
+def merge(source: str | Path, run: str | Path, force: bool = False) -> Path:
+    """LoRA run `source`'s best checkpoint, its adapters merged into its base (W + (alpha / r) B A), as plain
+    run directory `run`: what export, consolidate and every other tool take."""
+    source, run = Path(source), Path(run)
+    if run.exists() and not force:
+        raise UserError(f"{run} exists: give a new run directory, or --force to replace it")
+    found = find_checkpoint(source, prefer_best=True)
+    saved = found.config()
+    if not saved.model.lora_rank:
+        raise UserError(f"{found.run_dir} is not a LoRA run (lora_rank=0): its weights are plain already")
+    model, _ = load_model(found.path)  # merged on loading
+    config = dataclasses.replace(saved, model=model.config, train=dataclasses.replace(saved.train, out_dir=str(run)))
+    return _write_run(run, config, load_tokenizer(found.run_dir), model.state_dict(), found.step,
+                      {"merged_from": str(found.path.resolve()), "tokenizer": found.meta.get("tokenizer")})
+
+
+def _write_run(run: Path, config: RunConfig, tokenizer, state: dict[str, torch.Tensor], step: int, meta: dict
+               ) -> Path:
+    """A run directory of weights alone (config.json, the tokenizer, checkpoint `step` with no optimizer
+    state), written beside `run` and renamed into place: nothing half-written under its name."""
     tmp = atomic.temporary_path(run)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         tokenizer.save(tmp)
         atomic.write_atomic(tmp / RUN_CONFIG_FILE, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
-        meta = {"config": config.to_dict(), "tokenizer": "hf", "tokenizer_sha256": tokenizer_fingerprint(tmp),
-                "train_state": dataclasses.asdict(TrainState()), "val_loss": None, "imported_from": str(source)}
-        write_checkpoint(tmp, 0, state, {"optimizer": None, "scaler": None}, meta, keep_last=1)
+        meta = {"config": config.to_dict(), "tokenizer_sha256": tokenizer_fingerprint(tmp),
+                "train_state": dataclasses.asdict(TrainState(step=step)), "val_loss": None, **meta}
+        write_checkpoint(tmp, step, state, {"optimizer": None, "scaler": None}, meta, keep_last=1)
         if run.exists():
             shutil.rmtree(run)
         os.replace(tmp, run)
@@ -292,6 +320,10 @@ def main(argv: list[str]) -> None:
     back.add_argument("hf_dir", help="a transformers model directory (config.json, safetensors, tokenizer.json)")
     back.add_argument("run", help="the run directory to write")
     back.add_argument("--force", action="store_true", help="replace RUN if it exists")
+    lora = sub.add_parser("merge", help="a LoRA run's adapters merged into its base, as a plain run directory")
+    lora.add_argument("source", help="a LoRA run directory (its best checkpoint) or a checkpoint directory")
+    lora.add_argument("run", help="the run directory to write")
+    lora.add_argument("--force", action="store_true", help="replace RUN if it exists")
     args = parser.parse_args(argv)
     if args.command == "consolidate":
         written = consolidate(args.source, args.out)
@@ -300,6 +332,10 @@ def main(argv: list[str]) -> None:
         command = shlex.join(["python", "-m", "nanopalm.convert", *argv])
         written = export(args.run, args.hf_dir, args.dtype, args.max_shard_gib, args.force, command)
         print(f"wrote {written}: AutoModelForCausalLM.from_pretrained({str(written)!r}) loads it")
+    elif args.command == "merge":
+        written = merge(args.source, args.run, args.force)
+        print(f"wrote {written}: python sample.py --out_dir={written}; python -m nanopalm.convert export {written} "
+              "HF_DIR")
     else:
         written = import_model(args.hf_dir, args.run, args.force)
         print(f"wrote {written}: python sample.py --out_dir={written}; finetune with --init_from={written}")

@@ -22,6 +22,7 @@ from torch import nn
 
 from nanopalm.device import Precision
 from nanopalm.errors import UserError, warn
+from nanopalm.lora import is_adapter
 from nanopalm.model import PaLM, PaLMConfig
 
 # FSDP2 and torch.distributed.checkpoint take a second to import: only the FSDP2 paths import them.
@@ -204,25 +205,29 @@ def barrier(info: DistInfo) -> None:
 # Call these on every rank: under FSDP2 they gather or scatter. Saving, the full state is gathered to
 # rank 0, tensor by tensor onto its CPU (the other ranks get {}); loading, every rank passes the whole
 # state (read from the files) and keeps its shard.
-def _full_state(saving: bool):
+def _full_state(saving: bool, trainable_only: bool = False):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=saving)
+    # strict=False on loading: check_weights_fit has checked the keys (a LoRA model loads base and adapters apart)
+    return StateDictOptions(full_state_dict=True, cpu_offload=saving, ignore_frozen_params=trainable_only,
+                            strict=saving)
 
 
-def gather_model_state(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
-    """The full (unsharded) model state; under FSDP2 on rank 0 only."""
+def gather_model_state(model: nn.Module, info: DistInfo, adapters_only: bool = False) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model state, or a LoRA model's adapters alone (its only trainable weights); under
+    FSDP2 on rank 0 only."""
     if not info.sharded:
-        return model.state_dict()
+        return {k: v for k, v in model.state_dict().items() if is_adapter(k) or not adapters_only}
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(model, options=_full_state(saving=True))
+    return get_model_state_dict(model, options=_full_state(saving=True, trainable_only=adapters_only))
 
 
 def scatter_model_state(model: nn.Module, state: dict[str, torch.Tensor], info: DistInfo) -> None:
-    """Load a full model state (read from a checkpoint on every rank) into the model."""
+    """Load a full model state (read from a checkpoint on every rank, its keys checked by
+    checkpoint.check_weights_fit) into the model."""
     if not info.sharded:
-        model.load_state_dict(state)
+        model.load_state_dict(state, strict=False)
         return
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanopalm.fused import linear_cross_entropy, split_projection  # the drop-ins (PaLMConfig.fused)
+from nanopalm.lora import LoRA, is_adapter, parse_targets  # finetuning adapters (PaLMConfig.lora_rank)
 
 
 @dataclass
@@ -48,6 +49,11 @@ class PaLMConfig:
     init: Literal["palm", "gpt2"] = field(default="palm", metadata={"help": "palm (fan-in, E~N(0,1)) | gpt2"})
     fused: bool = field(default=True, metadata={"help": "fused.py's drop-ins: the same math in less memory and time "
                                                         "(docs/BENCHMARKS.md); False = model.py's plain lines"})
+    lora_rank: int = field(default=0, metadata={"help": "LoRA adapters of this rank, base weights frozen; 0 = off"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale: adapters add (alpha / rank) B A x"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapters' input"})
+    lora_targets: str = field(default="q,k,v,o,gate,up,down", metadata={"help": "matrices given adapters: "
+                                                                                "q,k,v,o,gate,up,down"})
 
     def __post_init__(self) -> None:
         """Fill in the derived sizes and refuse shapes that cannot work (ValueError, saying how to fix it)."""
@@ -70,6 +76,9 @@ class PaLMConfig:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.z_loss < 0:
             raise ValueError(f"z_loss={self.z_loss} must be >= 0")
+        if self.lora_rank < 0 or self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError("lora_rank must be >= 0 (0 = off), lora_alpha > 0 and lora_dropout in [0, 1)")
+        parse_targets(self.lora_targets)  # a ValueError naming what it takes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,12 +103,18 @@ class LayerNorm(nn.Module):
 
 class FusedLinear(nn.Linear):
     """Several projections of one input stacked into ONE matmul (PaLM Section 2: the parallel block's q, k, v
-    and MLP inputs). `splits` names the logical matrices stacked in the weight's rows, in order: the blocks
-    cut the output by it, and PaLM's Adafactor scales each logical matrix by its own RMS, not the stack's."""
+    and MLP inputs), or one projection alone. `splits` names the logical matrices stacked in the weight's rows,
+    in order: the blocks cut the output by it, PaLM's Adafactor scales each logical matrix by its own RMS, not
+    the stack's, and LoRA gives each its own adapter (nanopalm/lora.py; `adapter` is None without LoRA)."""
 
     def __init__(self, d_in: int, splits: dict[str, int], bias: bool) -> None:
         super().__init__(d_in, sum(splits.values()), bias=bias)
         self.splits = splits
+        self.adapter: LoRA | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y if self.adapter is None else y + self.adapter(x)  # W x + (alpha / r) B A x
 
     def cut(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """This matmul's output h cut into its projections, in `splits` order."""
@@ -156,7 +171,7 @@ class Attention(nn.Module):
     def __init__(self, c: PaLMConfig) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim, self.dropout = c.n_head, c.n_kv_head, c.head_dim, c.dropout
-        self.out = nn.Linear(c.n_head * c.head_dim, c.d_model, bias=c.bias)
+        self.out = FusedLinear(c.n_head * c.head_dim, {"o": c.d_model}, bias=c.bias)
         self.cache: KVCache | None = None  # set by PaLM.setup_cache for generation
 
     def heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope) -> tuple[torch.Tensor, ...]:
@@ -189,7 +204,7 @@ class MLP(nn.Module):
     def __init__(self, c: PaLMConfig) -> None:
         super().__init__()
         self.swiglu = c.mlp == "swiglu"
-        self.out = nn.Linear(c.d_ff, c.d_model, bias=c.bias)
+        self.out = FusedLinear(c.d_ff, {"down": c.d_model}, bias=c.bias)
 
     def input_splits(self, c: PaLMConfig) -> dict[str, int]:
         """The input matrices this MLP needs, for the block's fused projection."""
@@ -307,6 +322,14 @@ class PaLM(nn.Module):
             # init_weights on the real device after a meta-device construction (distributed.py).
             self.register_buffer("rope_cos", torch.empty(c.block_size, c.head_dim // 2), persistent=False)
             self.register_buffer("rope_sin", torch.empty(c.block_size, c.head_dim // 2), persistent=False)
+        if c.lora_rank:  # LoRA: adapters on the chosen matrices of every block, everything else frozen
+            targets = parse_targets(c.lora_targets)
+            for layer in self.blocks.modules():
+                if isinstance(layer, FusedLinear) and any(n in targets for n in layer.splits):
+                    layer.adapter = LoRA(layer.in_features, layer.splits, targets, c.lora_rank, c.lora_alpha,
+                                         c.lora_dropout)
+            for name, param in self.named_parameters():
+                param.requires_grad_(is_adapter(name))
         if not self.wte.weight.is_meta:  # a meta-device model (FSDP2's build, the memory planner) holds no values:
             self.init_weights()  # distributed.py initialises it once it has real storage
 
@@ -324,6 +347,10 @@ class PaLM(nn.Module):
                     normal_(module.weight, std=0.02 * ((2 * c.n_layer) ** -0.5 if residual else 1.0))
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, LoRA):  # Hu et al.: A Gaussian (here fan-in scaled), B zero: B A = 0 at start
+                for name in module.names:
+                    normal_(module.A[name], std=module.A[name].shape[1] ** -0.5)
+                    nn.init.zeros_(module.B[name])
             elif isinstance(module, LayerNorm):
                 nn.init.ones_(module.weight)
                 if module.bias is not None:

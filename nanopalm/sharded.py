@@ -29,6 +29,7 @@ from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -37,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from nanopalm import distributed as D
 from nanopalm.errors import UserError
+from nanopalm.lora import is_adapter
 
 INDEX_FILE = ".metadata"  # DCP's index of a sharded checkpoint (checkpoint.SHARD_INDEX, without importing DCP)
 # Every class a DCP index pickles (torch 2.13): its dataclasses, torch.Size, dtypes, a path, a layout lookup.
@@ -146,14 +148,15 @@ def load(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
          trainer_state: dict | None) -> None:
     """Load the weights, and with an optimizer its state (trainer_state: the checkpoint's trainer.pt), into
     this rank's model and optimizer, whatever the number of ranks that wrote them. Call on every rank."""
-    state = {"model": get_model_state_dict(model)}
+    # A LoRA model's adapters are never in a sharded checkpoint (a LoRA run saves them single-file): its base is.
+    state = {"model": {k: v for k, v in get_model_state_dict(model).items() if not is_adapter(k)}}
     with_state = optimizer is not None and trainer_state["optimizer_state"]
     if with_state:
         # A fresh optimizer has no state to load into yet: DCP creates it with a zero step (lr 0, every
         # parameter unchanged), and every value is then overwritten by the checkpoint's.
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)["state"]
     _read(directory, state)
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     if with_state:
         set_optimizer_state_dict(model, optimizer, {"state": state["optimizer"],
                                                     "param_groups": trainer_state["param_groups"]})

@@ -28,6 +28,7 @@ from nanopalm.device import free_memory, pick_device, pick_precision
 from nanopalm.errors import MEMORY_ADVICE, Interrupted, UserError, warn
 from nanopalm.evaluate import Scorer, describe
 from nanopalm.faults import fault_point
+from nanopalm.lora import lora_base_record, trainable_parameters
 from nanopalm.memory import GIB, Setup, estimate
 from nanopalm.metrics import MetricsLogger, gpu_peak_flops, mfu
 from nanopalm.optim import apply_schedule, build_optimizer, micro_steps_at
@@ -37,6 +38,7 @@ from nanopalm.signals import GracefulStop
 from nanopalm.spikes import RollbackPoints, SpikeDetector
 from nanopalm.tokenizer import load_tokenizer, tokenizer_fingerprint
 
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 MAX_ROLLBACKS = 10  # more spikes than this and the run is diverging, not spiking
 
 
@@ -53,16 +55,19 @@ def nvtx(name: str, device: torch.device):
 
 def effective_config(cfg: RunConfig, start: StartPoint | None) -> tuple[RunConfig, list[str]]:
     """The config a run trains with: the one given, with the architecture of the checkpoint it starts from
-    (resumed or finetuned), whose dropout and fused switch the run may change (PaLM finetunes with dropout 0.1;
-    fused is how the model computes, not what). Also returns each given model key that the checkpoint
-    overrides, as `key=given (checkpoint: value)`."""
+    (resumed or finetuned), whose dropout and fused switch the run may change, and a finetune its LoRA keys.
+    Also returns each given model key that the checkpoint overrides, as `key=given (checkpoint: value)`."""
     if start is None:
+        if cfg.model.lora_rank:
+            raise UserError(f"--lora_rank={cfg.model.lora_rank} adapts a trained model: give it with --init_from=RUN")
         return cfg, []
     saved = start.checkpoint.config()
     if start.resume and saved.optim.optimizer != cfg.optim.optimizer:
         raise UserError(f"the run was trained with --optimizer={saved.optim.optimizer}, not {cfg.optim.optimizer}: "
                         f"resume with the same optimizer, or start a new run from its weights with --init_from")
-    model = dataclasses.replace(saved.model, dropout=cfg.model.dropout, fused=cfg.model.fused)  # not architecture
+    # Not architecture: dropout (PaLM finetunes with 0.1), the fused switch, and a finetune's LoRA adapters.
+    adapters = {} if start.resume else {k: getattr(cfg.model, k) for k in LORA_KEYS}
+    model = dataclasses.replace(saved.model, dropout=cfg.model.dropout, fused=cfg.model.fused, **adapters)
     overridden = [f"{f.name}={getattr(cfg.model, f.name)!r} (checkpoint: {getattr(model, f.name)!r})"
                   for f in dataclasses.fields(model) if getattr(cfg.model, f.name) != getattr(model, f.name)]
     return dataclasses.replace(cfg, model=model), overridden
@@ -85,6 +90,8 @@ class Trainer:
             print(f"the checkpoint's model settings apply: {', '.join(overridden)}", flush=True)
         if start is not None:
             self._check_tokenizer(start.checkpoint.meta)
+        # A LoRA run's checkpoints hold its adapters and name the base they adapt (nanopalm/lora.py).
+        self.lora_base = lora_base_record(start) if self.cfg.model.lora_rank else None
         # The data before the model: a block longer than the data or a vocabulary smaller than it fails here, in
         # a second, not after the model is built (a 10^8-token block's RoPE tables alone take gigabytes).
         block, vocab = self.cfg.model.block_size, self.cfg.model.vocab_size
@@ -123,7 +130,9 @@ class Trainer:
                                     self.cfg.to_dict(), resumed_at=self.saved_step)
         if self.dist.is_main:  # what --dtype=auto and --device=auto chose, before the first step
             dtype = str(self.precision.dtype).removeprefix("torch.")
-            print(f"{self.raw_model.num_params():,} parameters on {self.device} ({dtype}), "
+            lora = self.cfg.model.lora_rank
+            trains = f" ({trainable_parameters(self.raw_model):,} trainable: LoRA rank {lora})" if lora else ""
+            print(f"{self.raw_model.num_params():,} parameters{trains} on {self.device} ({dtype}), "
                   f"{t.batch_size * t.gradient_accumulation_steps * block:,} tokens a step, "
                   f"{self.dist.world_size} rank(s)", flush=True)
 
@@ -365,6 +374,8 @@ class Trainer:
         meta = {"config": self.cfg.to_dict(), "tokenizer": self.data_meta["tokenizer"],
                 "tokenizer_sha256": self.tokenizer_sha256,
                 "rng": "derived from (seed, step, micro-step) each micro-step; nothing to restore"}
+        if self.lora_base is not None:
+            meta["lora_base"] = self.lora_base
         self.checkpointer.save(self.state, val_loss, self.raw_model, self.optimizer, self.scaler, meta)
         self.saved_step = self.state.step
 
