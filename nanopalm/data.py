@@ -178,7 +178,8 @@ class SplitStats:
     bytes: int  # UTF-8 bytes of the documents' text
 
 
-def write_meta(data_dir: Path, tokenizer: Tokenizer, source: str, train: SplitStats, val: SplitStats) -> dict:
+def write_meta(data_dir: Path, tokenizer: Tokenizer, source: str, train: SplitStats, val: SplitStats,
+               extra: dict | None = None) -> dict:
     """Write meta.json, the last file of a prepare: from then on the dataset counts as complete.
 
     `bytes_per_token_val` turns a val loss in nats per token into bits per byte
@@ -197,13 +198,14 @@ def write_meta(data_dir: Path, tokenizer: Tokenizer, source: str, train: SplitSt
         "val_tokens": val.tokens,
         "val_bytes": val.bytes,
         "bytes_per_token_val": val.bytes / val.tokens,
+        **(extra or {}),  # instruction data: its kind and template (nanopalm/instruct.py)
     }
     write_atomic(data_dir / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
     return meta
 
 
 def write_dataset(out_dir: Path, tokenizer: Tokenizer, source: str, started: float,
-                  write_split: Callable[[str, Path], SplitStats]) -> dict:
+                  write_split: Callable[[str, Path], SplitStats], extra: dict | None = None) -> dict:
     """The one way every prepare path writes a dataset directory: mark it incomplete, write train.bin and
     val.bin (`write_split(split, path)` writes one and returns its stats), the tokenizer, then meta.json
     last. Returns the meta and prints a summary (`started`: the prepare's start, time.time())."""
@@ -211,7 +213,7 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, source: str, started: flo
     invalidate_dataset(out_dir)
     stats = {split: write_split(split, out_dir / f"{split}.bin") for split in SPLITS}
     tokenizer.save(out_dir)
-    meta = write_meta(out_dir, tokenizer, source, stats["train"], stats["val"])
+    meta = write_meta(out_dir, tokenizer, source, stats["train"], stats["val"], extra)
     print(f"{out_dir}: {stats['train'].tokens:,} train and {stats['val'].tokens:,} val tokens in "
           f"{stats['train'].documents:,} + {stats['val'].documents:,} documents ({tokenizer.name}, vocabulary "
           f"{tokenizer.vocab_size}), {meta['bytes_per_token_val']:.3f} bytes per val token, "
@@ -281,6 +283,8 @@ class BatchLoader:
     the same reason). The file is reopened per batch, so forked workers never share a file offset.
     """
 
+    windows = True  # rows are windows of block_size + 1 tokens (instruct.ExampleLoader: whole examples)
+
     def __init__(self, data_dir: str | Path, split: str, batch_size: int, block_size: int, seed: int,
                  device: torch.device | str, model_vocab_size: int | None = None):
         if split not in SPLITS:
@@ -290,7 +294,7 @@ class BatchLoader:
         self.batch_size, self.block_size, self.seed = batch_size, block_size, seed
         self.device = torch.device(device)
         self.header = read_header(self.path)
-        if self.header.num_tokens < block_size + 1:
+        if self.header.num_tokens < block_size + 1 and self.windows:
             raise UserError(f"--block_size {block_size} needs {block_size + 1} tokens but {self.path} has "
                             f"{self.header.num_tokens}: lower --block_size or prepare more data")
         if model_vocab_size is not None and self.header.vocab_size > model_vocab_size:

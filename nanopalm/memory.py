@@ -5,8 +5,9 @@ A step holds, per GPU (docs/BENCHMARKS.md, "Memory planner", has the measurement
   parameters   fp32 master weights, 1/world_size of them under FSDP2 (rows padded to equal shards), plus
                what FSDP2 all-gathers: the root (embedding and final norm) for the whole step and two
                blocks at a time, in the compute dtype
-  gradients    fp32, one per parameter: DDP's all-reduce buckets (always allocated), FSDP2's shards
-  optimizer    AdamW's two moments, or PaLM's Adafactor's v and m (nanopalm/optim.py): 8 bytes a parameter
+  gradients    fp32, one per trained parameter: DDP's all-reduce buckets (always allocated), FSDP2's shards
+  optimizer    AdamW's two moments, or PaLM's Adafactor's v and m (nanopalm/optim.py): 8 bytes a trained
+               parameter (LoRA: the adapters alone; the frozen base has neither)
   activations  what the backward needs from the forward of one micro-batch, counted tensor by tensor as
                model.py computes them, for each activation-checkpointing mode
   temporary    the output layer's own gradients and one chunk of logits (fused.py), a block's recomputation
@@ -28,6 +29,7 @@ from nanopalm.config import RunConfig
 from nanopalm.device import Precision
 from nanopalm.distributed import DistInfo
 from nanopalm.fused import default_chunk_rows
+from nanopalm.lora import parse_targets
 from nanopalm.model import PaLM, PaLMConfig
 
 GIB = 1 << 30
@@ -103,6 +105,9 @@ class _Shapes:
     root: int  # outside the blocks: embeddings, final norm, untied output layer
     local_root: int
     block_matrices: int  # one block's weight matrices: autocast casts them for its matmuls
+    trained: int  # what has gradients and optimizer state on this GPU: all of `local`, or LoRA's adapters
+    trained_block: int  # of one block, on this GPU
+    trained_root: int
 
 
 def _shapes(setup: Setup, model: torch.nn.Module | None = None) -> _Shapes:
@@ -118,8 +123,11 @@ def _shapes(setup: Setup, model: torch.nn.Module | None = None) -> _Shapes:
         return sum(-(-p.shape[0] // world) * (p.numel() // p.shape[0]) if shard else p.numel() for p in params)
     params, block = list(model.parameters()), list(model.blocks[0].parameters())
     root = [p for p in params if all(p is not q for b in model.blocks for q in b.parameters())]
+    def trained(group: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [p for p in group if p.requires_grad]
     return _Shapes(count(params, True), count(block), count(block, True), count(root), count(root, True),
-                   sum(p.numel() for p in block if p.dim() == 2))
+                   sum(p.numel() for p in block if p.dim() == 2), count(trained(params), True),
+                   count(trained(block), True), count(trained(root), True))
 
 
 def _block_activations(setup: Setup, tokens: int) -> tuple[int, int, int]:
@@ -145,6 +153,16 @@ def _block_activations(setup: Setup, tokens: int) -> tuple[int, int, int]:
     else:  # GPT-2's serial block: two norms, two input matmuls, a residual stream in the middle
         projections, widest = (q + 2 * kv + hidden) * b, max(q + 2 * kv, hidden)
         full = 2 * norm + projections + rope + attention + mlp + c.d_model * r + 2 * drop * c.d_model
+    if c.lora_rank:  # each adapted layer keeps its r-wide A x per target, and with dropout its dropped input
+        targets = parse_targets(c.lora_targets)
+        ranks = c.lora_rank * len(targets) * b
+        inputs = c.d_model * (1 if c.parallel_block else 2) + c.n_head * c.head_dim + c.d_ff
+        dropped = inputs * (b + 1) if c.lora_dropout else 0  # the dropped input, and its (bool) mask
+        rows = {"q": q, "k": kv, "v": kv, "o": c.d_model, "gate": c.d_ff, "up": c.d_ff, "down": c.d_model}
+        adapted = sum(rows[t] for t in targets if t != "gate" or c.mlp == "swiglu") * b  # B (A x): matmul outputs
+        full, outputs = full + ranks + dropped, outputs + ranks + adapted  # (selective keeps them)
+        fan_in = {"o": q, "down": c.d_ff}  # the others read the block's normalised input, d_model wide
+        widest += max(fan_in.get(t, c.d_model) for t in targets)  # dL/dx through an A: added to the base's
     # The math kernel's matrices come from ops selective checkpointing recomputes (bmm, softmax, dropout).
     kept = projections + outputs + (attention if setup.flash else 0)
     return full * tokens, kept * tokens, (widest * b + c.d_model * r) * tokens
@@ -163,8 +181,8 @@ def estimate(setup: Setup, batch_size: int, model: torch.nn.Module | None = None
     parameters = 4 * s.local + rope_tables  # fp32 weights
     if setup.sharded:  # all-gathered: the root for the whole step, two blocks at a time
         parameters += (s.root + 2 * s.block) * b
-    optimizer = 8 * s.local
-    gradients = 4 * s.local
+    optimizer = 8 * s.trained  # LoRA: the adapters alone have gradients and optimizer state
+    gradients = 4 * s.trained
     # DDP's buckets are allocated once and for all; with accumulation the gradients outlive the forward.
     always = gradients if setup.accumulate or (setup.world_size > 1 and not setup.sharded) else 0
 
@@ -180,7 +198,7 @@ def estimate(setup: Setup, batch_size: int, model: torch.nn.Module | None = None
     # chunk's fp32 statistics and compute-dtype gradient, a compute-dtype copy of the weight and each chunk's
     # dW term, in the compute dtype then fp32.
     chunk = min(tokens, default_chunk_rows(c.vocab_size, setup.device)) * c.vocab_size
-    output_kept = 4 * vocab_matrix + b * c.d_model * tokens
+    output_kept = 4 * vocab_matrix * bool(s.trained_root) + b * c.d_model * tokens  # dL/dW: not for a frozen one
     output_forward = output_kept + chunk * b + (chunk * (4 + b) + vocab_matrix * (2 * b + 4) if mixed else 0)
     # Autocast keeps a compute-dtype copy of each block's weight matrices until the forward ends, and without
     # checkpointing the matmuls keep them until their backward; with it, a block's recomputation casts its
@@ -190,14 +208,14 @@ def estimate(setup: Setup, batch_size: int, model: torch.nn.Module | None = None
 
     def block_backward(i: int) -> tuple[int, int, int]:
         """Block i's backward, the blocks after it done: their gradients, its activations and work."""
-        grads = max(always, 4 * (s.local_root + (c.n_layer - 1 - i) * s.local_block))
+        grads = max(always, 4 * (s.trained_root + (c.n_layer - 1 - i) * s.trained_block))
         return (grads, fixed + (i + 1) * block_input + i * per_block,
                 full + gradient_work + casts + i * kept_casts)
 
     if setup.optimizer == "adafactor":
-        step_temporary = 4 * s.local  # the update, rsqrt(v) * g, for every parameter at once (foreach)
+        step_temporary = 4 * s.trained  # the update, rsqrt(v) * g, for every parameter at once (foreach)
     else:  # fused AdamW on CUDA works in place; the foreach one holds sqrt(exp_avg_sq)
-        step_temporary = 0 if setup.device == "cuda" else 4 * s.local
+        step_temporary = 0 if setup.device == "cuda" else 4 * s.trained
     phases = {
         "output layer forward": (always, forward, output_forward + c.n_layer * casts),
         "output layer backward": (always, forward, 2 * output_kept + c.n_layer * kept_casts),  # times dL/dloss

@@ -254,5 +254,5 @@ def test_bad_input_is_one_line_and_writes_nothing(palm_run, exported, tmp_path, 
     imported = tmp_path / "imported"
     assert run_cli(convert.main, ["import", str(exported), str(imported)]) == 0
     capsys.readouterr()
-    assert "was imported (python -m nanopalm.convert import): there is no run to resume" in one_line_refusal(
+    assert "was imported by python -m nanopalm.convert: there is no run to resume" in one_line_refusal(
         ["--resume", f"--out_dir={imported}"], capsys, load_script("train.py").main)

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import load_script
 from safetensors.torch import load_file
 
 from nanopalm import checkpoint as ckpt
@@ -15,8 +15,6 @@ from nanopalm.errors import run_cli
 from nanopalm.lora import is_adapter
 from nanopalm.model import PaLM, PaLMConfig
 from nanopalm.trainer import Trainer, train
-
-from conftest import load_script
 
 SHAPE = dict(vocab_size=80, block_size=32, n_layer=2, n_head=4, n_kv_head=2, head_dim=8, d_model=32, d_ff=48)
 

@@ -221,19 +221,23 @@ def bench_memory(args: argparse.Namespace) -> None:
           f"{args.gradient_accumulation_steps} micro-batches a step"
           + (" (gradients live through the forward)" if accumulate else "") + "\n")
     print("GiB per GPU at the peak of a step, with the largest micro-batch that fits (or with 1 sequence when "
-          "none does):\n")
-    print("| parallelism | checkpointing | micro-batch | parameters | gradients | optimizer | activations | "
+          "none does)" + (f"; LoRA rank {config.lora_rank} ({config.lora_targets}) beside the full finetune" if
+                         config.lora_rank else "") + ":\n")
+    print("| training | parallelism | checkpointing | micro-batch | parameters | gradients | optimizer | activations | "
           "temporary | peak | peak falls on |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
-    for fsdp in ((False, True) if world > 1 else (False,)):
-        name = "FSDP2" if fsdp else "DDP" if world > 1 else "one GPU"
-        for mode in ("none", "full", "selective"):
-            setup = Setup(config, world, fsdp, args.optimizer, dtype, mode, accumulate)
-            batch = largest_batch(setup, usable)
-            e = estimate(setup, batch or 1)
-            cells = (e.parameters, e.gradients, e.optimizer, e.activations, e.temporary, e.total)
-            print(f"| {name} | {mode} | {batch or 'none fits'} | " + " | ".join(f"{v / GIB:.1f}" for v in cells)
-                  + f" | {e.phase} |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    trainings = {f"LoRA r{config.lora_rank}": config, "full": dataclasses.replace(config, lora_rank=0)} \
+        if config.lora_rank else {"full": config}
+    for training, model in trainings.items():
+        for fsdp in ((False, True) if world > 1 else (False,)):
+            name = "FSDP2" if fsdp else "DDP" if world > 1 else "one GPU"
+            for mode in ("none", "full", "selective"):
+                setup = Setup(model, world, fsdp, args.optimizer, dtype, mode, accumulate)
+                batch = largest_batch(setup, usable)
+                e = estimate(setup, batch or 1)
+                cells = (e.parameters, e.gradients, e.optimizer, e.activations, e.temporary, e.total)
+                print(f"| {training} | {name} | {mode} | {batch or 'none fits'} | "
+                      + " | ".join(f"{v / GIB:.1f}" for v in cells) + f" | {e.phase} |")
     if args.measure:
         measure_memory(args, dtype)
 

@@ -1,0 +1,202 @@
+"""Instruction and chat data: JSON lines made into a dataset whose loss learns the responses alone.
+
+Each line is one example in one of three shapes: Alpaca's `{"instruction", "input" (optional), "output"}`,
+`{"prompt", "response"}`, or a chat `{"messages": [{"role": "system" | "user" | "assistant", "content"}]}`.
+All are rendered by ONE template (TEMPLATE, written into the dataset's meta.json and the run directory, so
+that sampling wraps a prompt exactly as training saw it):
+
+    ### User:
+    {instruction, then a blank line and the input if there is one}
+
+    ### Assistant:
+    {output}<|endoftext|>
+
+(a chat renders each message so, "### System:" too, turns separated by a blank line). The assistant's text
+and the end-of-text token after it are the *learned* tokens: the loss, the bits per byte and the trained-token
+count see those alone; the prompt is context. On disk beside the usual token files: `{split}.mask.npy`, one
+byte per token (1: the token is a learned target), and `{split}.starts.npy`, where each example begins.
+
+Batches are padded, not packed: one example per row, after it end-of-text tokens that are never targets.
+Attention is causal, so no token sees the padding to its right, and no example ever attends to another: a
+batch's loss is that of its examples scored one by one (tests/test_instruct.py). An example longer than the
+model's block_size + 1 tokens is cut at its end; training says how many were.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanopalm.atomic import write_atomic
+from nanopalm.data import HEADER, META_FILE, SPLITS, BatchLoader, SplitStats, write_dataset, write_token_file
+from nanopalm.errors import UserError
+from nanopalm.tokenizer import Tokenizer
+
+TEMPLATE = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n", "separator": "\n\n"}
+TEMPLATE_FILE = "template.json"  # the template, in a run directory
+
+
+def messages_of(example: object) -> list[dict]:
+    """A line's example as chat messages; ValueError saying what is wrong with it."""
+    if not isinstance(example, dict):
+        raise ValueError("a line must hold a JSON object")
+    if "messages" in example:
+        messages = example["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError('"messages" must be a non-empty list')
+        for m in messages:
+            if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                    and isinstance(m.get("content"), str)):
+                raise ValueError('each message needs a "role" (system, user or assistant) and a "content" string')
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError("a conversation needs an assistant message to learn")
+        return messages
+    if "instruction" in example or "output" in example:
+        prompt, answer, extra = example.get("instruction"), example.get("output"), example.get("input") or ""
+        if not all(isinstance(v, str) for v in (prompt, answer, extra)):
+            raise ValueError('"instruction" and "output" (and "input", if given) must be strings')
+        prompt += f"{TEMPLATE['separator']}{extra}" if extra else ""
+    else:
+        prompt, answer = example.get("prompt"), example.get("response")
+        if not (isinstance(prompt, str) and isinstance(answer, str)):
+            raise ValueError('give "instruction"/"output", "prompt"/"response" or "messages"')
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def render(messages: list[dict], tokenizer: Tokenizer, template: dict = TEMPLATE) -> tuple[list[int], list[int]]:
+    """(token ids, learned flags) of a conversation: each assistant message's content and its end-of-text
+    are learned (1), everything else is context (0). Each piece is encoded on its own, as prompt_ids does."""
+    ids, learned = [], []
+    for i, m in enumerate(messages):
+        head = (template["separator"] if i else "") + template[m["role"]]
+        pieces = [(head, 0), (m["content"], int(m["role"] == "assistant"))]
+        for text, flag in pieces:
+            tokens = tokenizer.encode(text)
+            ids += tokens
+            learned += [flag] * len(tokens)
+        if m["role"] == "assistant":
+            ids.append(tokenizer.eot_id)
+            learned.append(1)
+    return ids, learned
+
+
+def prompt_ids(text: str, tokenizer: Tokenizer, template: dict = TEMPLATE) -> list[int]:
+    """What a model finetuned on `template` continues with an answer: `text` as the user's turn."""
+    ids, _ = render([{"role": "user", "content": text}], tokenizer, template)
+    return ids + tokenizer.encode(template["separator"] + template["assistant"])
+
+
+def read_examples(path: Path) -> list[list[dict]]:
+    """Every example of a JSON-lines file as messages; a malformed line is a UserError naming file and line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path} ({e}): give a UTF-8 JSON-lines file") from None
+    examples = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            examples.append(messages_of(json.loads(line)))
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            raise UserError(f"{path}:{number}: {e}; fix or remove that line") from None
+    if not examples:
+        raise UserError(f"{path} holds no examples: one JSON object a line")
+    return examples
+
+
+def prepare_instructions(files: dict[str, Path], tokenizer: Tokenizer, out_dir: Path) -> dict:
+    """Write a dataset of instruction examples (files: {"train": path, "val": path}) into out_dir. Every line
+    of both files is checked before anything is written."""
+    started = time.time()
+    examples = {split: read_examples(files[split]) for split in SPLITS}
+
+    def write_split(split: str, path: Path) -> SplitStats:
+        rendered = [render(m, tokenizer) for m in examples[split]]
+        ids = np.concatenate([np.asarray(r[0], dtype=np.int64) for r in rendered])
+        learned = np.concatenate([np.asarray(r[1], dtype=np.uint8) for r in rendered])
+        starts = np.cumsum([0] + [len(r[0]) for r in rendered])
+        answers = sum(len(m["content"].encode()) for ex in examples[split] for m in ex if m["role"] == "assistant")
+        write_token_file(path, ids, tokenizer.vocab_size, tokenizer.name)
+        np.save(path.with_suffix(".mask.npy"), learned)
+        np.save(path.with_suffix(".starts.npy"), starts)
+        return SplitStats(len(rendered), int(learned.sum()), answers)  # learned tokens and bytes only
+
+    meta = write_dataset(out_dir, tokenizer, f"instructions: {files['train']}, {files['val']}", started, write_split,
+                         extra={"kind": "instructions", "template": TEMPLATE})
+    return meta
+
+
+def save_template(meta: dict, run_dir: Path) -> None:
+    """A run trained on instructions keeps its template beside its tokenizer."""
+    if meta.get("kind") == "instructions":
+        write_atomic(Path(run_dir) / TEMPLATE_FILE, json.dumps(meta["template"], indent=2).encode())
+
+
+def load_template(run_dir: Path) -> dict:
+    path = Path(run_dir) / TEMPLATE_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{run_dir} was not trained on instruction data (no {TEMPLATE_FILE}): drop --chat, or "
+                        "finetune it on a dataset made by data/instruct/prepare.py") from None
+
+
+class ExampleLoader(BatchLoader):
+    """Batches of whole examples, one a row, padded after its end: x the tokens, y the next tokens where they
+    are learned and -1 elsewhere (the prompt, the padding). The rows of a batch are drawn as BatchLoader draws
+    its windows, a pure function of (seed, split, step, micro_step): resume and loss-spike skips hold."""
+
+    windows = False
+
+    def __init__(self, data_dir: str | Path, split: str, batch_size: int, block_size: int, seed: int,
+                 device: torch.device | str, model_vocab_size: int | None = None):
+        super().__init__(data_dir, split, batch_size, block_size, seed, device, model_vocab_size)
+        self.eot_id = json.loads((Path(data_dir) / META_FILE).read_text())["eot_id"]
+        self.starts = np.load(self.path.with_suffix(".starts.npy"), allow_pickle=False)
+        self.learned = np.load(self.path.with_suffix(".mask.npy"), allow_pickle=False)
+        self.num_starts = len(self.starts) - 1  # what offsets() draws from: the examples
+        lengths = np.diff(self.starts)
+        self.cut = int((lengths > block_size + 1).sum())  # examples whose end does not fit
+
+    def rows(self, examples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y (len(examples), block_size) of these examples, padded."""
+        tokens = np.memmap(self.path, dtype=self.header.dtype, mode="r", offset=HEADER.size)
+        x = np.full((len(examples), self.block_size), self.eot_id, dtype=np.int64)
+        y = np.full((len(examples), self.block_size), -1, dtype=np.int64)
+        for row, e in enumerate(examples):
+            start, end = int(self.starts[e]), min(int(self.starts[e + 1]), int(self.starts[e]) + self.block_size + 1)
+            ids, learned = tokens[start:end].astype(np.int64), self.learned[start:end].astype(bool)
+            x[row, :len(ids) - 1] = ids[:-1]
+            y[row, :len(ids) - 1] = np.where(learned[1:], ids[1:], -1)
+        del tokens
+        return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+
+    def get_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rows(self.offsets(step, micro_step).astype(np.int64))
+
+
+@torch.no_grad()
+def score_examples(model: torch.nn.Module, loader: ExampleLoader, autocast: Callable[[], AbstractContextManager],
+                   rank: int = 0, world: int = 1) -> tuple[float, int]:
+    """(summed cross-entropy in nats, learned tokens) over every example of the loader's split, each once; a
+    rank scores every world-th batch (the caller all-reduces)."""
+    model.eval()
+    total, count = 0.0, 0
+    batches = range(0, loader.num_starts, loader.batch_size)
+    for i, first in enumerate(batches):
+        if i % world != rank:
+            continue
+        x, y = loader.rows(np.arange(first, min(first + loader.batch_size, loader.num_starts)))
+        n = int((y != -1).sum())
+        if n:
+            with autocast():
+                total += model(x, y).ce.item() * n
+            count += n
+    return total, count
