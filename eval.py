@@ -5,6 +5,7 @@ or the lm-evaluation-harness's tasks. docs/EVAL.md has the details and the figur
     python eval.py --out_dir=RUN --stride=128          # sliding windows: each token once, with more context
     python eval.py --out_dir=RUN --split=train         # or --data_files a.txt b.md (the run's tokenizer)
     python eval.py --out_dir=RUN --tasks=lambada_openai,hellaswag --num_fewshot=0 --limit=200  # the [eval] extra
+    python eval.py --out_dir=RUN --instructions=val.jsonl    # greedy answers' exact match (docs/FINETUNE.md)
 
 The weights come from the run's best checkpoint (or the checkpoint directory given). The result is also
 written as JSON, by default to RUN/eval/<split, the files' names, or tasks>.json.
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from nanopalm.errors import ArgumentParser, UserError, run_cli
 from nanopalm.evaluate import evaluate_run, read_texts, write_json
+from nanopalm.instruct import exact_match
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -37,6 +39,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     tasks.add_argument("--num_fewshot", type=int, default=None, help="examples in the prompt (default: the task's)")
     tasks.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
     tasks.add_argument("--include_path", default=None, help="a directory of your own task YAML files")
+    p.add_argument("--instructions", type=Path, default=None, metavar="FILE",
+                   help="JSON lines of instruction or chat examples: the exact match of the greedy answers")
     p.add_argument("--batch_size", type=int, default=16, help="sequences per forward")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
@@ -54,6 +58,9 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise UserError("--tasks runs the harness, --split/--data_files/--dataset score text: give one or the other")
     if not names and (args.num_fewshot is not None or args.limit is not None or args.include_path):
         raise UserError("--num_fewshot, --limit and --include_path go with --tasks")
+    if args.instructions and (names or args.split or args.data_files or args.dataset or args.stride):
+        raise UserError("--instructions scores answers on its own: drop --tasks, --split, --data_files, --dataset "
+                        "and --stride")
     if args.split and args.data_files:
         raise UserError("--split scores the run's data, --data_files your files: give one of them")
     for flag, lowest in (("limit", 1), ("batch_size", 1), ("stride", 1), ("num_fewshot", 0)):
@@ -73,7 +80,12 @@ def output_name(files: list[str]) -> str:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     names = check_args(args)
-    if names:
+    if args.instructions:
+        result = exact_match(args.out_dir, args.instructions, args.device, args.dtype)
+        print(f"exact match {result['exact_match']:.3f} ({result['correct']} of {result['examples']}), "
+              f"{result['template']} template")
+        what = f"instructions_{args.instructions.stem}"
+    elif names:
         try:
             from nanopalm import harness
         except ImportError as e:

@@ -3,6 +3,7 @@
     python sample.py --out_dir=out-shakespeare --start="Once upon a time there was"
     python sample.py --out_dir=RUN --start=FILE:prompt.txt --num_samples=3 --top_p=0.9 --seed=7
     python sample.py --out_dir=RUN --no_cache          # recompute the whole context each token
+    python sample.py --out_dir=RUN --chat --start="Who speaks next?" --temperature=0   # an instruction-tuned run
 
 The weights come from the run's best checkpoint (else its newest), read as plain tensors: loading a
 checkpoint can never run code. The tokenizer is the one saved in the run directory.
@@ -19,6 +20,8 @@ import torch
 from nanopalm.checkpoint import load_model_and_tokenizer
 from nanopalm.device import inference_precision, pick_device
 from nanopalm.errors import ArgumentParser, UserError, run_cli
+from nanopalm.instruct import load_template
+from nanopalm.instruct import prompt_ids as chat_prompt
 from nanopalm.model import PaLM
 from nanopalm.sampling import check_sampling_args, generate
 from nanopalm.streaming import TextStream
@@ -42,6 +45,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="autocast precision; auto: bf16 (or fp16) on CUDA, float32 elsewhere")
     p.add_argument("--no_cache", action="store_true", help="no KV cache: recompute the context every token")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the run's instruction template as the "
+                                                         "user's turn; the answer ends at end-of-text")
     return p.parse_args(argv)
 
 
@@ -74,8 +79,10 @@ def main(argv: list[str]) -> None:
     if not out_dir.is_dir():
         what = "is a file" if out_dir.exists() else "does not exist"
         raise UserError(f"--out_dir={out_dir} {what}: give the directory of a training run")
-    model, tokenizer, _ = load_model_and_tokenizer(out_dir, device)
-    prompt_ids = tokenizer.encode(prompt)
+    model, tokenizer, found = load_model_and_tokenizer(out_dir, device)
+    template = load_template(found.run_dir) if args.chat else None
+    prompt_ids = (chat_prompt([{"role": "user", "content": prompt}], tokenizer, template) if args.chat
+                  else tokenizer.encode(prompt))
     precision = inference_precision(args.dtype, device)  # bf16 autocast on CUDA; the weights stay fp32
 
     c, dtype = model.config, precision.dtype

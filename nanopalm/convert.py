@@ -37,6 +37,7 @@ from nanopalm.checkpoint import (
 )
 from nanopalm.config import RUN_CONFIG_FILE, RunConfig, build_config
 from nanopalm.errors import ArgumentParser, UserError, run_cli, warn
+from nanopalm.instruct import TEMPLATE_FILE
 from nanopalm.metrics import read_metrics
 from nanopalm.model import PaLM
 from nanopalm.tokenizer import HfTokenizer, load_tokenizer, tokenizer_fingerprint
@@ -278,12 +279,14 @@ def merge(source: str | Path, run: str | Path, force: bool = False) -> Path:
         raise UserError(f"{found.run_dir} is not a LoRA run (lora_rank=0): its weights are plain already")
     model, _ = load_model(found.path)  # merged on loading
     config = dataclasses.replace(saved, model=model.config, train=dataclasses.replace(saved.train, out_dir=str(run)))
+    template = found.run_dir / TEMPLATE_FILE  # an instruction-tuned run's prompt template goes with it
     return _write_run(run, config, load_tokenizer(found.run_dir), model.state_dict(), found.step,
-                      {"merged_from": str(found.path.resolve()), "tokenizer": found.meta.get("tokenizer")})
+                      {"merged_from": str(found.path.resolve()), "tokenizer": found.meta.get("tokenizer")},
+                      template if template.is_file() else None)
 
 
-def _write_run(run: Path, config: RunConfig, tokenizer, state: dict[str, torch.Tensor], step: int, meta: dict
-               ) -> Path:
+def _write_run(run: Path, config: RunConfig, tokenizer, state: dict[str, torch.Tensor], step: int, meta: dict,
+               template: Path | None = None) -> Path:
     """A run directory of weights alone (config.json, the tokenizer, checkpoint `step` with no optimizer
     state), written beside `run` and renamed into place: nothing half-written under its name."""
     tmp = atomic.temporary_path(run)
@@ -291,6 +294,8 @@ def _write_run(run: Path, config: RunConfig, tokenizer, state: dict[str, torch.T
     try:
         tmp.mkdir(parents=True)
         tokenizer.save(tmp)
+        if template is not None:
+            shutil.copyfile(template, tmp / TEMPLATE_FILE)
         atomic.write_atomic(tmp / RUN_CONFIG_FILE, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
         meta = {"config": config.to_dict(), "tokenizer_sha256": tokenizer_fingerprint(tmp),
                 "train_state": dataclasses.asdict(TrainState(step=step)), "val_loss": None, **meta}

@@ -5,18 +5,19 @@ Each line is one example in one of three shapes: Alpaca's `{"instruction", "inpu
 All are rendered by ONE template (TEMPLATE, written into the dataset's meta.json and the run directory, so
 that sampling wraps a prompt exactly as training saw it):
 
-    ### User:
+    User:
     {instruction, then a blank line and the input if there is one}
 
-    ### Assistant:
+    Assistant:
     {output}<|endoftext|>
 
-(a chat renders each message so, "### System:" too, turns separated by a blank line). The assistant's text
+(a chat renders each message so, "System:" too, turns separated by a blank line). The assistant's text
 and the end-of-text token after it are the *learned* tokens: the loss, the bits per byte and the trained-token
 count see those alone; the prompt is context. On disk beside the usual token files: `{split}.mask.npy`, one
 byte per token (1: the token is a learned target), and `{split}.starts.npy`, where each example begins.
 
-Batches are padded, not packed: one example per row, after it end-of-text tokens that are never targets.
+Batches are padded, not packed: one example per row, after it end-of-text tokens that are never targets, to
+the length of the batch's longest example.
 Attention is causal, so no token sees the padding to its right, and no example ever attends to another: a
 batch's loss is that of its examples scored one by one (tests/test_instruct.py). An example longer than the
 model's block_size + 1 tokens is cut at its end; training says how many were.
@@ -38,7 +39,9 @@ from nanopalm.data import HEADER, META_FILE, SPLITS, BatchLoader, SplitStats, wr
 from nanopalm.errors import UserError
 from nanopalm.tokenizer import Tokenizer
 
-TEMPLATE = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n", "separator": "\n\n"}
+# Plain words every tokenizer has (the char tokenizer of the built-in corpus has no "#" or "<"); title case, unlike
+# the plays' upper-case speaker names.
+TEMPLATE = {"system": "System:\n", "user": "User:\n", "assistant": "Assistant:\n", "separator": "\n\n"}
 TEMPLATE_FILE = "template.json"  # the template, in a run directory
 
 
@@ -86,10 +89,11 @@ def render(messages: list[dict], tokenizer: Tokenizer, template: dict = TEMPLATE
     return ids, learned
 
 
-def prompt_ids(text: str, tokenizer: Tokenizer, template: dict = TEMPLATE) -> list[int]:
-    """What a model finetuned on `template` continues with an answer: `text` as the user's turn."""
-    ids, _ = render([{"role": "user", "content": text}], tokenizer, template)
-    return ids + tokenizer.encode(template["separator"] + template["assistant"])
+def prompt_ids(messages: list[dict], tokenizer: Tokenizer, template: dict = TEMPLATE) -> list[int]:
+    """What a model finetuned on `template` continues with the assistant's answer: the conversation so far,
+    then the assistant's header, tokenized piece by piece exactly as render() tokenized training examples."""
+    ids, _ = render(messages + [{"role": "assistant", "content": ""}], tokenizer, template)
+    return ids[:-1]  # without the end-of-text of the empty answer
 
 
 def read_examples(path: Path) -> list[list[dict]]:
@@ -161,17 +165,28 @@ class ExampleLoader(BatchLoader):
         self.eot_id = json.loads((Path(data_dir) / META_FILE).read_text())["eot_id"]
         self.starts = np.load(self.path.with_suffix(".starts.npy"), allow_pickle=False)
         self.learned = np.load(self.path.with_suffix(".mask.npy"), allow_pickle=False)
-        self.num_starts = len(self.starts) - 1  # what offsets() draws from: the examples
         lengths = np.diff(self.starts)
         self.cut = int((lengths > block_size + 1).sum())  # examples whose end does not fit
+        # Examples with a learned target inside the block (a prompt that fills it leaves nothing to learn).
+        in_block = [self.learned[s + 1:s + min(n, block_size + 1)].any()
+                    for s, n in zip(self.starts[:-1], lengths, strict=True)]
+        self.examples = np.flatnonzero(np.asarray(in_block, dtype=bool))
+        self.skipped = len(lengths) - len(self.examples)
+        if not len(self.examples):
+            raise UserError(f"no example of {self.path} has a response within block_size={block_size} tokens: "
+                            "raise --block_size or shorten the prompts")
+        self.num_starts = len(self.examples)  # what offsets() draws from
 
     def rows(self, examples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, y (len(examples), block_size) of these examples, padded."""
+        """x, y (len(examples), width) of these examples (their numbers in the split), padded to the longest
+        (at most block_size tokens)."""
         tokens = np.memmap(self.path, dtype=self.header.dtype, mode="r", offset=HEADER.size)
-        x = np.full((len(examples), self.block_size), self.eot_id, dtype=np.int64)
-        y = np.full((len(examples), self.block_size), -1, dtype=np.int64)
-        for row, e in enumerate(examples):
-            start, end = int(self.starts[e]), min(int(self.starts[e + 1]), int(self.starts[e]) + self.block_size + 1)
+        ends = np.minimum(self.starts[examples + 1], self.starts[examples] + self.block_size + 1)
+        width = int((ends - self.starts[examples]).max()) - 1  # the batch's longest example: no wider
+        x = np.full((len(examples), width), self.eot_id, dtype=np.int64)
+        y = np.full((len(examples), width), -1, dtype=np.int64)
+        for row, (e, end) in enumerate(zip(examples, ends, strict=True)):
+            start, end = int(self.starts[e]), int(end)
             ids, learned = tokens[start:end].astype(np.int64), self.learned[start:end].astype(bool)
             x[row, :len(ids) - 1] = ids[:-1]
             y[row, :len(ids) - 1] = np.where(learned[1:], ids[1:], -1)
@@ -179,24 +194,58 @@ class ExampleLoader(BatchLoader):
         return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
 
     def get_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.rows(self.offsets(step, micro_step).astype(np.int64))
+        return self.rows(self.examples[self.offsets(step, micro_step).astype(np.int64)])
 
 
 @torch.no_grad()
 def score_examples(model: torch.nn.Module, loader: ExampleLoader, autocast: Callable[[], AbstractContextManager],
                    rank: int = 0, world: int = 1) -> tuple[float, int]:
-    """(summed cross-entropy in nats, learned tokens) over every example of the loader's split, each once; a
-    rank scores every world-th batch (the caller all-reduces)."""
+    """(summed cross-entropy in nats, learned tokens) over every example of the loader's split, each once. Rank
+    `rank` of `world` scores every world-th batch (the caller all-reduces); every rank runs as many forwards
+    (FSDP2 all-gathers in each), a rank past the end scoring its last batch again, uncounted."""
     model.eval()
     total, count = 0.0, 0
-    batches = range(0, loader.num_starts, loader.batch_size)
-    for i, first in enumerate(batches):
-        if i % world != rank:
-            continue
-        x, y = loader.rows(np.arange(first, min(first + loader.batch_size, loader.num_starts)))
+    first_rows = range(0, loader.num_starts, loader.batch_size)
+    for j in range(-(-len(first_rows) // world)):
+        i = j * world + rank
+        first = first_rows[min(i, len(first_rows) - 1)]
+        x, y = loader.rows(loader.examples[first:first + loader.batch_size])
+        with autocast():
+            ce = model(x, y).ce
         n = int((y != -1).sum())
-        if n:
-            with autocast():
-                total += model(x, y).ce.item() * n
-            count += n
+        if i < len(first_rows) and n:
+            total, count = total + ce.item() * n, count + n
     return total, count
+
+
+def exact_match(run: str | Path, file: Path, device: str = "auto", dtype: str = "auto", max_new_tokens: int = 24
+                ) -> dict:
+    """Each example of `file` without its last answer, wrapped in the run's template (nanoPALM's, for a run not
+    trained on instructions), answered greedily up to end-of-text: the share whose answer equals the expected
+    one, both stripped of surrounding whitespace."""
+    from nanopalm.checkpoint import load_model_and_tokenizer
+    from nanopalm.device import inference_precision, pick_device
+    from nanopalm.sampling import generate
+
+    started, examples = time.perf_counter(), read_examples(file)
+    where = pick_device(device)
+    model, tokenizer, checkpoint = load_model_and_tokenizer(run, where)
+    precision = inference_precision(dtype, where)
+    own = (checkpoint.run_dir / TEMPLATE_FILE).is_file()
+    template = load_template(checkpoint.run_dir) if own else TEMPLATE
+    correct, answers = 0, []
+    with precision.autocast(where, for_generation=True):
+        for messages in examples:
+            *context, last = messages if messages[-1]["role"] == "assistant" else (*messages, None)
+            if last is None:
+                raise UserError(f"{file}: an example that does not end with an answer cannot be scored")
+            ids = prompt_ids(context, tokenizer, template)[-model.config.block_size + max_new_tokens:]
+            out = generate(model, torch.tensor([ids], device=where), max_new_tokens, temperature=0.0,
+                           eot_id=tokenizer.eot_id, vocab_size=tokenizer.vocab_size)[0, len(ids):].tolist()
+            answer = tokenizer.decode(out[:out.index(tokenizer.eot_id)] if tokenizer.eot_id in out else out).strip()
+            correct += answer == last["content"].strip()
+            answers.append({"expected": last["content"], "answer": answer})
+    return {"run": str(checkpoint.run_dir), "checkpoint": str(checkpoint.path), "step": checkpoint.step,
+            "file": str(file), "template": "the run's" if own else "nanoPALM's (the run has none)",
+            "examples": len(examples), "exact_match": correct / len(examples), "correct": correct,
+            "seconds": round(time.perf_counter() - started, 2), "answers": answers}

@@ -3,6 +3,7 @@ hub's English tasks mean little to them, and need the hub). They are written as 
 lines into a directory, and run offline:
 
     python -m nanopalm.shakespeare_tasks tasks/ --docs 500
+    python -m nanopalm.shakespeare_tasks data/speaker --instructions   # the speaker task for finetuning
     python eval.py --out_dir=out-shakespeare --tasks=shakespeare_next_line,shakespeare_speaker --include_path=tasks/
 
 shakespeare_next_line  multiple choice (acc, acc_norm): a few lines of a scene; which of four lines comes
@@ -72,6 +73,25 @@ def speaker_docs(passages: list[str], count: int, rng: random.Random) -> list[di
     return docs
 
 
+QUESTION = "Who speaks next?"
+
+
+def write_speaker_instructions(directory: str | Path, docs: int = 500, seed: int = 0) -> tuple[Path, Path]:
+    """The speaker task as instruction data (docs/FINETUNE.md): two speeches of a scene, then QUESTION, answered
+    by the next speaker's name. Every such speech of the train scenes for train, `docs` of the val scenes for
+    val (never trained on). Returns the two JSON-lines files."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for split, passages in zip(("train", "val"), split_passages(load_passages()), strict=True):
+        count = 10 ** 9 if split == "train" else docs
+        rows = [{"prompt": d["context"].rstrip("\n") + "\n\n" + QUESTION, "response": d["speaker"]}
+                for d in speaker_docs(passages, count, random.Random(f"{seed}/instructions/{split}"))]
+        written.append(directory / f"speaker.{split}.jsonl")
+        write_atomic(written[-1], "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return written[0], written[1]
+
+
 def metric(name: str) -> dict:
     return {"metric": name, "aggregation": "mean", "higher_is_better": True}
 
@@ -114,7 +134,13 @@ def main(argv: list[str]) -> None:
     p.add_argument("directory", help="where to write the task files")
     p.add_argument("--docs", type=int, default=500, help="test documents per task")
     p.add_argument("--seed", type=int, default=0, help="which lines and speeches are drawn")
+    p.add_argument("--instructions", action="store_true",
+                   help="write the speaker task as instruction data instead (speaker.train/val.jsonl)")
     args = p.parse_args(argv)
+    if args.instructions:
+        train, val = write_speaker_instructions(args.directory, args.docs, args.seed)
+        print(f"wrote {train} and {val}: python data/instruct/prepare.py --train_file={train} --val_file={val} ...")
+        return
     names = write_tasks(args.directory, args.docs, args.seed)
     print(f"wrote {', '.join(names)} into {args.directory}: python eval.py --out_dir=RUN --tasks={','.join(names)} "
           f"--include_path {args.directory}")

@@ -26,8 +26,9 @@ from nanopalm.config import RUN_CONFIG_FILE, RunConfig
 from nanopalm.data import BatchLoader, load_meta
 from nanopalm.device import free_memory, pick_device, pick_precision
 from nanopalm.errors import MEMORY_ADVICE, Interrupted, UserError, warn
-from nanopalm.evaluate import Scorer, describe
+from nanopalm.evaluate import Score, Scorer, describe
 from nanopalm.faults import fault_point
+from nanopalm.instruct import ExampleLoader, save_template, score_examples
 from nanopalm.lora import lora_base_record, trainable_parameters
 from nanopalm.memory import GIB, Setup, estimate
 from nanopalm.metrics import MetricsLogger, gpu_peak_flops, mfu
@@ -95,8 +96,16 @@ class Trainer:
         # The data before the model: a block longer than the data or a vocabulary smaller than it fails here, in
         # a second, not after the model is built (a 10^8-token block's RoPE tables alone take gigabytes).
         block, vocab = self.cfg.model.block_size, self.cfg.model.vocab_size
-        self.train_loader = BatchLoader(self.data_dir, "train", t.batch_size, block, t.seed, self.device, vocab)
-        self.val_loader = BatchLoader(self.data_dir, "val", t.batch_size, block, t.seed, self.device, vocab)
+        # Instruction data (nanopalm/instruct.py): whole examples a row, the responses alone learned.
+        self.instructions = self.data_meta.get("kind") == "instructions"
+        loader = ExampleLoader if self.instructions else BatchLoader
+        self.train_loader = loader(self.data_dir, "train", t.batch_size, block, t.seed, self.device, vocab)
+        self.val_loader = loader(self.data_dir, "val", t.batch_size, block, t.seed, self.device, vocab)
+        if self.instructions and self.dist.is_main and (cut := self.train_loader.cut + self.val_loader.cut):
+            skipped = self.train_loader.skipped + self.val_loader.skipped
+            print(f"{cut} examples are longer than block_size + 1 = {block + 1} tokens: their ends are cut"
+                  + (f"; {skipped} of them leave no response token in the block and are left out" if skipped else ""),
+                  flush=True)
         self.tokenizer = load_tokenizer(self.data_dir)
 
         compile_blocks = t.compile is True or (t.compile == "auto" and self.device.type == "cuda")
@@ -126,6 +135,7 @@ class Trainer:
         if self.dist.is_main:
             self._record_config()
             self.tokenizer.save(self.out_dir)  # the run directory is self-contained for sampling
+            save_template(self.data_meta, self.out_dir)
         self.logger = MetricsLogger(self.out_dir, self.dist.is_main, t.tensorboard, t.wandb_project,
                                     self.cfg.to_dict(), resumed_at=self.saved_step)
         if self.dist.is_main:  # what --dtype=auto and --device=auto chose, before the first step
@@ -221,7 +231,7 @@ class Trainer:
         micro_steps = micro_steps_at(step, t.gradient_accumulation_steps, o.batch_ramp)
         local_steps = micro_steps // self.dist.world_size
         data_step = step + self.state.data_offset
-        loss_sum = torch.zeros((), device=self.device)
+        loss_sum, learned = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         self.model.train()
         for i in range(local_steps):
             # Global micro-step i * world + rank: ranks are disjoint and together equal one process.
@@ -233,9 +243,10 @@ class Trainer:
                     loss = self.model(x, y).loss / local_steps  # the mean over micro-steps, not their sum
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
+            learned += (y != -1).sum()  # the tokens with a target: all of them, but an instruction's prompt
         self.scaler.unscale_(self.optimizer)
         grad_norm = D.clip_grad_norm(self.raw_model, o.grad_clip if o.grad_clip > 0 else math.inf, self.dist)
-        loss_value, norm_value, stop = self._sync_step_stats(loss_sum, grad_norm)
+        loss_value, norm_value, step_tokens, stop = self._sync_step_stats(loss_sum, grad_norm, learned)
         if self.spikes.is_spike(loss_value, norm_value, self.scaler.is_enabled()):
             self.rollback(loss_value, norm_value)
             return stop
@@ -244,26 +255,27 @@ class Trainer:
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
         self.spikes.append(loss_value)
-        step_tokens = micro_steps * t.batch_size * self.cfg.model.block_size
         self.state.step += 1
         self.state.tokens += step_tokens
         if self.state.step % t.log_interval == 0 or self.state.step == 1:
             self._log_train(loss_value, norm_value, lr, time.perf_counter() - tick, step_tokens)
         return stop
 
-    def _sync_step_stats(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float, str | None]:
-        """(mean loss over ranks, grad norm, why to stop after this step or None) on the host: the one host sync
-        of a step. Under torchrun the stop flags ride on the same all-reduce as the loss, so every rank stops at
-        the same step when any rank's max_minutes is up or any rank got SIGTERM / Ctrl-C (a rank that got none
-        stops as for SIGTERM)."""
+    def _sync_step_stats(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor, learned: torch.Tensor
+                         ) -> tuple[float, float, int, str | None]:
+        """(mean loss over ranks, grad norm, tokens learned by all ranks, why to stop after this step or None) on
+        the host: the one host sync of a step. Under torchrun the stop flags ride on the same all-reduce as the
+        loss, so every rank stops at the same step when any rank's max_minutes is up or any rank got SIGTERM /
+        Ctrl-C (a rank that got none stops as for SIGTERM)."""
         minutes = self.cfg.train.max_minutes
         time_up = minutes > 0 and self.seconds_trained() > 60 * minutes
         flags = torch.tensor([float(time_up), float(self.signals.signum is not None)])
-        stats = torch.cat([torch.stack([loss_sum.float(), grad_norm.float()]), flags.to(self.device)])
-        loss, norm, time_up, signalled = D.all_reduce_sum(stats, self.dist).tolist()
+        sums = torch.stack([loss_sum.float(), grad_norm.float(), learned.float()])
+        stats = torch.cat([sums, flags.to(self.device)])
+        loss, norm, tokens, time_up, signalled = D.all_reduce_sum(stats, self.dist).tolist()
         stop = (self.signals.name or "SIGTERM") if signalled else "max_minutes" if time_up else None
         world = self.dist.world_size  # every rank holds the same global grad norm
-        return loss / world, norm / world, stop
+        return loss / world, norm / world, round(tokens), stop
 
     def seconds_trained(self) -> float:
         """Wall time in the training loop so far, every attempt of this run included (TrainState.seconds)."""
@@ -360,8 +372,14 @@ class Trainer:
         started = time.perf_counter()
         if info.is_main:  # tens of seconds on a CPU: say what the wait is for (the bar, on stderr, follows)
             print(f"scoring the whole val split ({val_tokens:,} tokens) for val_bpb_full...", flush=True)
-        scorer = Scorer(self.model, self.cfg.model.block_size, t.batch_size, self.device, self.precision, info=info)
-        score = scorer.split(self.tokenizer, self.data_dir, "val", progress=True)
+        if self.instructions:  # every val example once, its responses alone
+            nats, tokens = score_examples(self.model, self.val_loader, lambda: self.precision.autocast(self.device),
+                                          info.rank, info.world_size)
+            nats, tokens = D.all_reduce_sum(torch.tensor([nats, tokens], dtype=torch.float64), info).tolist()
+            score = Score(nats, round(tokens), self.data_meta["val_bytes"])
+        else:
+            scorer = Scorer(self.model, self.cfg.model.block_size, t.batch_size, self.device, self.precision, info=info)
+            score = scorer.split(self.tokenizer, self.data_dir, "val", progress=True)
         row = {"step": self.state.step, "tokens": self.state.tokens, "val_loss_full": score.loss,
                "val_bpb_full": score.bits_per_byte, "val_tokens_full": score.tokens, "val_bytes_full": score.bytes}
         self.logger.log(row)
