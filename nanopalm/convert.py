@@ -4,6 +4,7 @@
     python -m nanopalm.convert export RUN HF_DIR [--dtype=bfloat16] [--force]   # a transformers model
     python -m nanopalm.convert import HF_DIR RUN [--force]     # a transformers 'cohere' model as a run
     python -m nanopalm.convert merge LORA_RUN RUN [--force]    # a LoRA run's adapters merged: a plain run
+    python -m nanopalm.convert export_adapter LORA_RUN DIR      # its adapters for peft, on the base's export
 
 export and import need the `[hf]` extra (pip install -e ".[hf]"); docs/HF.md shows what to do with the result.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from nanopalm import atomic
 from nanopalm import distributed as D
@@ -38,6 +39,7 @@ from nanopalm.checkpoint import (
 from nanopalm.config import RUN_CONFIG_FILE, RunConfig, build_config
 from nanopalm.errors import ArgumentParser, UserError, run_cli, warn
 from nanopalm.instruct import TEMPLATE_FILE
+from nanopalm.lora import parse_targets
 from nanopalm.metrics import read_metrics
 from nanopalm.model import PaLM
 from nanopalm.tokenizer import HfTokenizer, load_tokenizer, tokenizer_fingerprint
@@ -213,6 +215,40 @@ def export(run: str | Path, out: str | Path, dtype: str = "float32", max_shard_g
 
 
 # ---- import -------------------------------------------------------------------------------------------------
+def export_adapter(run: str | Path, out: str | Path, force: bool = False) -> Path:
+    """LoRA run `run`'s adapters (its best checkpoint) in peft's format: adapter_config.json and
+    adapter_model.safetensors, which peft's PeftModel.from_pretrained loads onto the export of the run's base
+    (python -m nanopalm.convert export BASE_RUN HF_DIR)."""
+    from nanopalm.hf import PEFT_MODULES, adapter_to_peft, check_exportable
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserError(f"{out} exists: give a new directory, or --force to replace it")
+    found = find_checkpoint(run, prefer_best=True)
+    c = found.config().model
+    if not c.lora_rank:
+        raise UserError(f"{found.run_dir} is not a LoRA run (lora_rank=0): export it whole with export")
+    check_exportable(c)
+    adapters = dict(adapter_to_peft(name, t, c) for name, t in load_file(found.path / MODEL_FILE).items())
+    targets = [PEFT_MODULES[t].split(".")[1] for t in parse_targets(c.lora_targets)]
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": c.lora_rank, "lora_alpha": c.lora_alpha,
+              "lora_dropout": c.lora_dropout, "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
+              "inference_mode": True, "base_model_name_or_path": found.meta["lora_base"]["checkpoint"]}
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in adapters.items()}, tmp / "adapter_model.safetensors",
+                  metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    def manifest(checksums: dict[str, str]) -> bytes:
+        return (json.dumps({"source": str(found.path), "sha256": checksums}, indent=2) + "\n").encode()
+    try:
+        atomic.write_directory(out, write, manifest, MANIFEST, (OSError, SafetensorError))
+    except atomic.WriteFailed as e:
+        raise UserError(f"cannot write {out} ({e}); nothing was written there") from None
+    return out
+
+
 def _hf_reader(source: Path) -> Callable[[str], torch.Tensor]:
     """read(name) of a transformers directory's safetensors weights, one file or an index of several."""
     index = source / "model.safetensors.index.json"
@@ -325,6 +361,10 @@ def main(argv: list[str]) -> None:
     back.add_argument("hf_dir", help="a transformers model directory (config.json, safetensors, tokenizer.json)")
     back.add_argument("run", help="the run directory to write")
     back.add_argument("--force", action="store_true", help="replace RUN if it exists")
+    peft = sub.add_parser("export_adapter", help="a LoRA run's adapters in peft's format, for the export of its base")
+    peft.add_argument("run", help="a LoRA run directory (its best checkpoint) or a checkpoint directory")
+    peft.add_argument("adapter_dir", help="the directory to write (adapter_config.json, adapter_model.safetensors)")
+    peft.add_argument("--force", action="store_true", help="replace ADAPTER_DIR if it exists")
     lora = sub.add_parser("merge", help="a LoRA run's adapters merged into its base, as a plain run directory")
     lora.add_argument("source", help="a LoRA run directory (its best checkpoint) or a checkpoint directory")
     lora.add_argument("run", help="the run directory to write")
@@ -337,6 +377,9 @@ def main(argv: list[str]) -> None:
         command = shlex.join(["python", "-m", "nanopalm.convert", *argv])
         written = export(args.run, args.hf_dir, args.dtype, args.max_shard_gib, args.force, command)
         print(f"wrote {written}: AutoModelForCausalLM.from_pretrained({str(written)!r}) loads it")
+    elif args.command == "export_adapter":
+        written = export_adapter(args.run, args.adapter_dir, args.force)
+        print(f"wrote {written}: PeftModel.from_pretrained(<the export of its base>, {str(written)!r}) loads it")
     elif args.command == "merge":
         written = merge(args.source, args.run, args.force)
         print(f"wrote {written}: python sample.py --out_dir={written}; python -m nanopalm.convert export {written} "

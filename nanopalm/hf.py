@@ -7,8 +7,9 @@ grouped attention, tied embeddings and a multiplier on the logits. One exporter 
 vLLM (which registers CohereForCausalLM), llama.cpp's GGUF converter and the lm-evaluation-harness's `hf`
 model (docs/HF.md). Needs the `[hf]` extra: pip install -e ".[hf]".
 
-    python -m nanopalm.hf export out-shakespeare hf-shakespeare           # fp32; --dtype=bfloat16 halves it
-    python -m nanopalm.hf import hf-shakespeare out-imported              # then sample.py, eval.py, --init_from
+    python -m nanopalm.convert export out-shakespeare hf-shakespeare      # fp32; --dtype=bfloat16 halves it
+    python -m nanopalm.convert import hf-shakespeare out-imported         # then sample.py, eval.py, --init_from
+    python -m nanopalm.convert export_adapter LORA_RUN ADAPTER_DIR        # a LoRA run's adapters, for peft
 
 Tensor by tensor (nanoPALM's names on the left):
   wte                  model.embed_tokens (and lm_head, when the run does not tie them)
@@ -49,6 +50,20 @@ def rope_order(head_dim: int) -> torch.Tensor:
     """Cohere's row j of a head is our row rope_order[j]: pairs (i, i + D/2) become neighbours (2i, 2i + 1)."""
     half = torch.arange(head_dim // 2)
     return torch.stack([half, half + head_dim // 2], dim=-1).flatten()
+
+
+PEFT_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+def adapter_to_peft(name: str, tensor: torch.Tensor, c: PaLMConfig) -> tuple[str, torch.Tensor]:
+    """An adapter tensor (blocks.i.<layer>.adapter.A|B.<matrix>) under peft's name for the exported model. B's rows
+    of q and k are reordered within each head as the base's are (rope_order): B A then adds to the same rows."""
+    parts = name.split(".")  # blocks, i, layer, [...], adapter, A|B, matrix
+    layer, which, matrix = parts[1], parts[-2], parts[-1]
+    if which == "B" and matrix in ("q", "k"):
+        tensor = tensor.unflatten(0, (-1, c.head_dim))[:, rope_order(c.head_dim)].flatten(0, 1)
+    return f"base_model.model.model.layers.{layer}.{PEFT_MODULES[matrix]}.lora_{which}.weight", tensor
 
 
 def check_exportable(c: PaLMConfig) -> None:

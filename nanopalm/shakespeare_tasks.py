@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 from nanopalm.atomic import write_atomic
@@ -82,13 +83,22 @@ def write_speaker_instructions(directory: str | Path, docs: int = 500, seed: int
     val (never trained on). Returns the two JSON-lines files."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, answers = [], {}
     for split, passages in zip(("train", "val"), split_passages(load_passages()), strict=True):
         count = 10 ** 9 if split == "train" else docs
         rows = [{"prompt": d["context"].rstrip("\n") + "\n\n" + QUESTION, "response": d["speaker"]}
                 for d in speaker_docs(passages, count, random.Random(f"{seed}/instructions/{split}"))]
         written.append(directory / f"speaker.{split}.jsonl")
         write_atomic(written[-1], "".join(json.dumps(r) + "\n" for r in rows).encode())
+        answers[split] = rows
+    val = answers["val"]
+    majority = Counter(r["response"] for r in answers["train"]).most_common(1)[0][0]
+    names = {r["response"] for r in val}
+    two_back = sum(r["prompt"].split(":\n", 1)[0] == r["response"] for r in val)  # the first of the two speakers
+    print(f"val: {len(val)} questions, {len(names)} different answers. Baselines: chance (one of those names at "
+          f"random) {1 / len(names):.4f}; majority (always {majority}, the train set's most frequent) "
+          f"{sum(r['response'] == majority for r in val) / len(val):.3f}; the speaker two speeches back (the first "
+          f"speech's) {two_back / len(val):.3f}")
     return written[0], written[1]
 
 

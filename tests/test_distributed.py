@@ -202,3 +202,19 @@ def test_restarts_without_the_rendezvous_workaround_are_warned_about(reference_v
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: restarts")]
     assert warnings == ["warning: restarts under torchrun's shared rendezvous store can fail on stale addresses; "
                         "launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/DISTRIBUTED.md)"]
+
+
+@pytest.mark.parametrize("flags", [{}, FSDP], ids=["ddp", "fsdp"])
+def test_two_ranks_train_lora_adapters_like_one_process(flags, reference_values, one_process, tmp_path):
+    """LoRA on REFERENCE_RUN's weights (frozen; only the adapters are gradients, all-reduced or sharded) trains
+    the same adapters on two ranks as in one process, and saves them alone, naming the same base."""
+    lora = {**reference_values, "init_from": str(one_process), "lora_rank": 4, "lora_dropout": 0.1, "dropout": 0.0}
+    train(build_config({**lora, "out_dir": str(tmp_path / "one")}))
+    out, _ = launched(lora, tmp_path / "two", **flags)
+    bound = 2e-6 if flags else 0.0
+    assert max_difference(losses(tmp_path / "one"), losses(out)) <= bound
+    mine, theirs = weights(tmp_path / "one"), weights(out)
+    assert mine.keys() == theirs.keys() and all(".adapter." in k for k in mine)
+    assert all((theirs[k] - mine[k]).abs().max() <= bound for k in mine)
+    metas = [ckpt.verify_checkpoint(ckpt.checkpoint_dir(run, 12)).meta for run in (tmp_path / "one", out)]
+    assert metas[0]["lora_base"] == metas[1]["lora_base"] and metas[1]["format"] == "single"

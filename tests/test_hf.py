@@ -256,3 +256,23 @@ def test_bad_input_is_one_line_and_writes_nothing(palm_run, exported, tmp_path, 
     capsys.readouterr()
     assert "was imported by python -m nanopalm.convert: there is no run to resume" in one_line_refusal(
         ["--resume", f"--out_dir={imported}"], capsys, load_script("train.py").main)
+
+
+def test_a_lora_runs_adapters_load_in_peft_on_the_export_of_its_base(palm_run, exported, tmp_path):
+    """export_adapter writes peft's format; peft puts it on the exported base and gives the LoRA run's logits
+    (the adapters trained, B nonzero, q and k included, whose rows follow the base's RoPE reordering)."""
+    peft = pytest.importorskip("peft")
+    lora = tmp_path / "lora"
+    train(build_config({**json.loads((palm_run / "config.json").read_text()), "out_dir": str(lora),
+                        "init_from": str(palm_run), "lora_rank": 4, "lora_alpha": 8.0, "max_iters": 10,
+                        "eval_interval": 10, "learning_rate": 1e-2, "resume": False}))
+    adapter = tmp_path / "adapter"
+    assert run_cli(convert.main, ["export_adapter", str(lora), str(adapter)]) == 0
+    base = transformers.AutoModelForCausalLM.from_pretrained(exported)
+    adapted = peft.PeftModel.from_pretrained(base, adapter).eval()
+    ours, _, _ = load_model_and_tokenizer(lora)  # merged on loading: equal to the unmerged (tests/test_lora.py)
+    tokens = torch.randint(0, 8192, (2, 64))
+    with torch.no_grad():
+        assert (adapted(tokens).logits - ours(tokens).logits).abs().max() <= TOLERANCE
+        with adapted.disable_adapter():  # the base alone: the adapters matter
+            assert (adapted(tokens).logits - ours(tokens).logits).abs().max() > 10 * TOLERANCE

@@ -7,16 +7,23 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_RUN, load_script
 
 from nanopalm.config import build_config
 from nanopalm.errors import UserError, run_cli
-from nanopalm.instruct import (TEMPLATE_FILE, ExampleLoader, exact_match, messages_of, prepare_instructions,
-                               prompt_ids, read_examples, render)
+from nanopalm.instruct import (
+    TEMPLATE_FILE,
+    ExampleLoader,
+    exact_match,
+    messages_of,
+    prepare_instructions,
+    prompt_ids,
+    read_examples,
+    render,
+)
 from nanopalm.model import PaLM, PaLMConfig
 from nanopalm.tokenizer import load_tokenizer
 from nanopalm.trainer import train
-
-from conftest import TINY_RUN, load_script
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who art thou?"},
         {"role": "assistant", "content": "A friend."}, {"role": "user", "content": "And then?"},
