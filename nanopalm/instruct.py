@@ -17,7 +17,8 @@ count see those alone; the prompt is context. On disk beside the usual token fil
 byte per token (1: the token is a learned target), and `{split}.starts.npy`, where each example begins.
 
 Batches are padded, not packed: one example per row, after it end-of-text tokens that are never targets, to
-the length of the batch's longest example.
+the length of the batch's longest example rounded up to 64 tokens (a few shapes, not one per batch: fewer
+torch.compile recompilations and less allocator churn).
 Attention is causal, so no token sees the padding to its right, and no example ever attends to another: a
 batch's loss is that of its examples scored one by one (tests/test_instruct.py). An example longer than the
 model's block_size + 1 tokens is cut at its end; training says how many were.
@@ -37,12 +38,14 @@ import torch
 from nanopalm.atomic import write_atomic
 from nanopalm.data import HEADER, META_FILE, SPLITS, BatchLoader, SplitStats, write_dataset, write_token_file
 from nanopalm.errors import UserError
+from nanopalm.evaluate import document_bytes
 from nanopalm.tokenizer import Tokenizer
 
 # Plain words every tokenizer has (the char tokenizer of the built-in corpus has no "#" or "<"); title case, unlike
 # the plays' upper-case speaker names.
 TEMPLATE = {"system": "System:\n", "user": "User:\n", "assistant": "Assistant:\n", "separator": "\n\n"}
 TEMPLATE_FILE = "template.json"  # the template, in a run directory
+WIDTH_STEP = 64  # a batch is as wide as its longest example rounded up to this: at most block_size / 64 shapes
 
 
 def messages_of(example: object) -> list[dict]:
@@ -179,10 +182,11 @@ class ExampleLoader(BatchLoader):
 
     def rows(self, examples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y (len(examples), width) of these examples (their numbers in the split), padded to the longest
-        (at most block_size tokens)."""
+        rounded up to WIDTH_STEP (at most block_size tokens)."""
         tokens = np.memmap(self.path, dtype=self.header.dtype, mode="r", offset=HEADER.size)
         ends = np.minimum(self.starts[examples + 1], self.starts[examples] + self.block_size + 1)
-        width = int((ends - self.starts[examples]).max()) - 1  # the batch's longest example: no wider
+        longest = int((ends - self.starts[examples]).max()) - 1
+        width = min(-(-longest // WIDTH_STEP) * WIDTH_STEP, self.block_size)  # few shapes: compile, allocator
         x = np.full((len(examples), width), self.eot_id, dtype=np.int64)
         y = np.full((len(examples), width), -1, dtype=np.int64)
         for row, (e, end) in enumerate(zip(examples, ends, strict=True)):
@@ -198,13 +202,15 @@ class ExampleLoader(BatchLoader):
 
 
 @torch.no_grad()
-def score_examples(model: torch.nn.Module, loader: ExampleLoader, autocast: Callable[[], AbstractContextManager],
-                   rank: int = 0, world: int = 1) -> tuple[float, int]:
-    """(summed cross-entropy in nats, learned tokens) over every example of the loader's split, each once. Rank
-    `rank` of `world` scores every world-th batch (the caller all-reduces); every rank runs as many forwards
-    (FSDP2 all-gathers in each), a rank past the end scoring its last batch again, uncounted."""
+def score_examples(model: torch.nn.Module, loader: ExampleLoader, tokenizer: Tokenizer,
+                   autocast: Callable[[], AbstractContextManager], rank: int = 0, world: int = 1
+                   ) -> tuple[float, int, int]:
+    """(summed cross-entropy in nats, learned tokens, their UTF-8 bytes) over every example of the loader's
+    split, each once (what a cut example keeps of its answers). Rank `rank` of `world` scores every world-th
+    batch (the caller all-reduces); every rank runs as many forwards (FSDP2 all-gathers in each), a rank past
+    the end scoring its last batch again, uncounted."""
     model.eval()
-    total, count = 0.0, 0
+    total, count, size = 0.0, 0, 0
     first_rows = range(0, loader.num_starts, loader.batch_size)
     for j in range(-(-len(first_rows) // world)):
         i = j * world + rank
@@ -215,7 +221,8 @@ def score_examples(model: torch.nn.Module, loader: ExampleLoader, autocast: Call
         n = int((y != -1).sum())
         if i < len(first_rows) and n:
             total, count = total + ce.item() * n, count + n
-    return total, count
+            size += sum(document_bytes(row[row != -1].numpy(), tokenizer) for row in y.cpu())
+    return total, count, size
 
 
 def exact_match(run: str | Path, file: Path, device: str = "auto", dtype: str = "auto", max_new_tokens: int = 24

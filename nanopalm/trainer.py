@@ -373,10 +373,10 @@ class Trainer:
         if info.is_main:  # tens of seconds on a CPU: say what the wait is for (the bar, on stderr, follows)
             print(f"scoring the whole val split ({val_tokens:,} tokens) for val_bpb_full...", flush=True)
         if self.instructions:  # every val example once, its responses alone
-            nats, tokens = score_examples(self.model, self.val_loader, lambda: self.precision.autocast(self.device),
-                                          info.rank, info.world_size)
-            nats, tokens = D.all_reduce_sum(torch.tensor([nats, tokens], dtype=torch.float64), info).tolist()
-            score = Score(nats, round(tokens), self.data_meta["val_bytes"])
+            sums = score_examples(self.model, self.val_loader, self.tokenizer,
+                                  lambda: self.precision.autocast(self.device), info.rank, info.world_size)
+            nats, tokens, size = D.all_reduce_sum(torch.tensor(sums, dtype=torch.float64), info).tolist()
+            score = Score(nats, round(tokens), round(size))
         else:
             scorer = Scorer(self.model, self.cfg.model.block_size, t.batch_size, self.device, self.precision, info=info)
             score = scorer.split(self.tokenizer, self.data_dir, "val", progress=True)

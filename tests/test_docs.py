@@ -45,11 +45,21 @@ RUN = [
     ("python data/text/prepare.py --data_files=book.txt --tokenizer_from=out-imported --out_dir=data/imported", []),
     ("python train.py --init_from=out-imported --dataset=imported --out_dir=out-finetune-imported --dropout=0.1 "
      "--learning_rate=3e-5", TINY_TRAINING),
+    ("python train.py --init_from=out-imported --dataset=imported --out_dir=out-lora-imported --lora_rank=8 "
+     "--learning_rate=1e-3", TINY_TRAINING),
     ("python train.py --help", []),
     ("python sample.py", ["--max_new_tokens=8"]),
     ("python train.py --resume --out_dir=out-shakespeare", ["--max_iters=3"]),
     ("python train.py --init_from=out-shakespeare --dataset=shakespeare --out_dir=out-finetune --dropout=0.1 "
      "--learning_rate=3e-5", TINY_TRAINING),
+    ("python -m nanopalm.shakespeare_tasks data/speaker --instructions", []),
+    ("python data/instruct/prepare.py --train_file=data/speaker/speaker.train.jsonl "
+     "--val_file=data/speaker/speaker.val.jsonl --tokenizer_from=out-shakespeare --out_dir=data/speaker", []),
+    ("python train.py finetune_speaker_lora", TINY_TRAINING),
+    ("python sample.py --out_dir=out-speaker-lora --chat '--start=Who art thou?' --temperature=0",
+     ["--max_new_tokens=8"]),
+    ("python eval.py --out_dir=out-speaker-lora --instructions=data/speaker/speaker.val.jsonl", []),
+    ("python -m nanopalm.convert merge out-speaker-lora out-speaker-merged", []),
     ("python eval.py", []),
     ("python eval.py --out_dir=out-shakespeare", []),
     ("python eval.py --out_dir=out-shakespeare --stride=128", []),
@@ -73,6 +83,8 @@ NOT_CHECKED = {
                     "output of the check it feeds",
     "python -m pytest": "the test suite itself",
     "scripts/gpu_check.sh": "needs CUDA (it runs tests/gpu/ and the GPU benchmarks)",
+    "scripts/finetune_speaker.sh": "trains two 8-minute finetunes (docs/FINETUNE.md keeps its logs); its commands are "
+                                   "each checked here",
     "scripts/eval_shakespeare.sh": "runs the eval.py commands of docs/EVAL.md, each checked here; it rewrites "
                                    "docs/results/",
     "python -c": "calls tests/test_memory.py's own measured_and_estimated on its CASES, which that file tests",
@@ -144,7 +156,7 @@ def parse_only(command: str, monkeypatch) -> None:
         assert calls, command
     elif script == "-m nanopalm.convert":
         calls = []
-        for name in ("consolidate", "export", "import_model"):
+        for name in ("consolidate", "export", "import_model", "merge", "export_adapter"):
             monkeypatch.setattr(convert, name, lambda *a: calls.append(a) or Path("run/checkpoints/step_1"))
         convert.main(args)
         assert calls, command

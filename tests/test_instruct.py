@@ -1,6 +1,7 @@
 """Instruction data (nanopalm/instruct.py): the template by hand, the loss on responses alone against torch's own
 cross-entropy, padding that no example sees, training, greedy exact match, and malformed input."""
 
+import contextlib
 import json
 
 import numpy as np
@@ -20,6 +21,7 @@ from nanopalm.instruct import (
     prompt_ids,
     read_examples,
     render,
+    score_examples,
 )
 from nanopalm.model import PaLM, PaLMConfig
 from nanopalm.tokenizer import load_tokenizer
@@ -90,8 +92,8 @@ def test_a_batch_holds_each_example_padded_with_only_its_answers_as_targets(inst
     data, examples = instructions
     tokenizer = load_tokenizer(char_dataset)
     x, y = ExampleLoader(data, "train", 4, 128, 0, "cpu").rows(np.arange(4))
-    lengths = [len(render(m, tokenizer)[0]) for m in examples]
-    assert x.shape == (4, max(lengths) - 1)  # as wide as the longest example, no wider
+    longest = max(len(render(m, tokenizer)[0]) for m in examples) - 1
+    assert longest == 96 and x.shape == (4, 128)  # the longest example's inputs rounded up to 64
     for row, m in enumerate(examples):
         ids, learned = render(m, tokenizer)
         n = len(ids) - 1
@@ -118,7 +120,7 @@ def test_the_masked_loss_is_torchs_cross_entropy_over_the_answers_and_padding_ch
     torch.testing.assert_close(ce, sum(a for a, _ in alone) / sum(n for _, n in alone), rtol=1e-5, atol=1e-6)
 
 
-def test_an_example_longer_than_the_block_is_cut_and_one_without_an_answer_in_it_left_out(instructions, capsys):
+def test_an_example_longer_than_the_block_is_cut_and_one_without_an_answer_in_it_left_out(instructions, char_dataset):
     data, _ = instructions
     loader = ExampleLoader(data, "train", 4, 52, 0, "cpu")
     # 36, 35, 72 and 97 tokens, the first answer token at 30, 31, 56 and 51: the last two are cut at 53 tokens, and
@@ -126,6 +128,11 @@ def test_an_example_longer_than_the_block_is_cut_and_one_without_an_answer_in_it
     assert loader.cut == 2 and loader.skipped == 1 and loader.examples.tolist() == [0, 1, 3]
     x, y = loader.get_batch(0, 0)
     assert x.shape[1] <= 52 and (y != -1).any(dim=1).all()
+    # the whole-split score counts what is scored: ROMEO and Mab with their end-of-text, and the conversation's
+    # first two answer characters "A " (tokens 51 and 52): 6 + 4 + 2 tokens, 5 + 3 + 2 bytes
+    model = PaLM(PaLMConfig(vocab_size=80, block_size=52, n_layer=1, n_head=2, d_model=16))
+    nats, tokens, size = score_examples(model, loader, load_tokenizer(char_dataset), contextlib.nullcontext)
+    assert (tokens, size) == (12, 10) and nats > 0
 
 
 def test_finetuning_on_instructions_learns_the_answers_and_counts_learned_tokens(instructions, tmp_path, capsys):

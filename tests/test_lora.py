@@ -6,11 +6,13 @@ import shutil
 
 import pytest
 import torch
-from conftest import load_script
+from conftest import TINY_RUN, load_script
 from safetensors.torch import load_file
+from test_trainer import spike_at
 
 from nanopalm import checkpoint as ckpt
 from nanopalm import convert
+from nanopalm.config import build_config
 from nanopalm.errors import run_cli
 from nanopalm.lora import is_adapter
 from nanopalm.model import PaLM, PaLMConfig
@@ -44,14 +46,21 @@ def test_an_adapted_layer_computes_w_x_plus_scaled_b_a_x_in_each_targeted_matrix
         "blocks.0.in_proj.adapter.B.up"}
 
 
-@pytest.fixture
-def runs(tiny_run, tmp_path):
-    """A base run of 20 steps, and a LoRA finetune of it (rank 4, every target, 20 steps, dropout 0.1)."""
-    train(tiny_run("base", max_iters=20, eval_interval=10))
-    lora = dict(init_from=str(tmp_path / "base"), lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, max_iters=20,
+def make_runs(root, dataset) -> tuple:
+    """In `root`: a base run of 20 steps, and a LoRA finetune of it (rank 4, every target, 20 steps, dropout 0.1)."""
+    def run(name: str, **overrides) -> None:
+        train(build_config({**TINY_RUN, "dataset": str(dataset), "out_dir": str(root / name), **overrides}))
+    run("base", max_iters=20, eval_interval=10)
+    lora = dict(init_from=str(root / "base"), lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, max_iters=20,
                 eval_interval=10, learning_rate=1e-2)
-    train(tiny_run("lora", **lora))
-    return tmp_path / "base", tmp_path / "lora", lora
+    run("lora", **lora)
+    return root / "base", root / "lora", lora
+
+
+@pytest.fixture(scope="module")
+def runs(char_dataset, tmp_path_factory):
+    """make_runs once for the module's tests, which read them (test_lora_refusals_are_one_line makes its own)."""
+    return make_runs(tmp_path_factory.mktemp("lora"), char_dataset)
 
 
 def test_a_lora_finetune_trains_the_adapters_alone_and_saves_them_with_its_base(runs):
@@ -155,8 +164,8 @@ def one_line(argv: list[str], capsys, main) -> str:
     return lines[0]
 
 
-def test_lora_refusals_are_one_line(runs, tiny_run, tmp_path, capsys, char_dataset):
-    base, lora, _ = runs
+def test_lora_refusals_are_one_line(tmp_path, capsys, char_dataset):
+    base, lora, _ = make_runs(tmp_path, char_dataset)  # its own: it damages the base
     main = load_script("train.py").main
     flags = [f"--dataset={char_dataset}", "--device=cpu", "--compile=False", "--max_iters=2"]
     assert "--init_from" in one_line([*flags, "--lora_rank=4", f"--out_dir={tmp_path / 'a'}"], capsys, main)
@@ -179,3 +188,19 @@ def test_lora_refusals_are_one_line(runs, tiny_run, tmp_path, capsys, char_datas
     assert "changed since" in one_line([f"--out_dir={lora}", "--device=cpu"], capsys, sample)
     shutil.rmtree(base)
     assert "is gone" in one_line([f"--out_dir={lora}", "--device=cpu"], capsys, sample)
+
+
+@pytest.mark.parametrize("points", [{}, {"rollback_interval": 4, "rollback_distance": 5}], ids=["disk", "memory"])
+def test_a_lora_run_rolls_back_a_loss_spike_from_its_adapter_checkpoint_or_memory(points, runs, tiny_run, tmp_path):
+    """PaLM's spike remedy (Section 5.1) on a LoRA run: back to step 10 (its checkpoint: adapters and base) or to an
+    in-memory point, the batches skipped, and the base still bitwise the base run's at the end."""
+    base, _, values = runs
+    trainer = Trainer(tiny_run("spiked", **{**values, "spike_factor": 3.0, "spike_skip": 7, **points}))
+    spike_at(trainer, 15)
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "spiked" / "metrics.jsonl").read_text().splitlines()]
+    (event,) = [r for r in rows if r.get("event") == "loss_spike"]
+    assert event["spike_step"] == 15 and event["step"] == 10 and trainer.state.step == 20
+    own = {k: v for k, v in trainer.raw_model.state_dict().items() if not is_adapter(k)}
+    base_weights = load_file(ckpt.find_checkpoint(base, prefer_best=True).path / ckpt.MODEL_FILE)
+    assert all(torch.equal(own[k], base_weights[k]) for k in base_weights)

@@ -11,7 +11,7 @@ from torch import nn
 
 from nanopalm.config import build_config
 from nanopalm.errors import UserError
-from nanopalm.model import FusedLinear
+from nanopalm.model import FusedLinear, PaLM, PaLMConfig
 from nanopalm.optim import (
     OptimConfig,
     PaLMAdafactor,
@@ -337,3 +337,16 @@ def test_multi_tensor_adafactor_equals_the_per_parameter_loop_in_fp32():
         adafactor_loop_step(list(reference.parameters()), states, 0.05, k)
         for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-8, msg=f"{name} at step {k}")
+
+
+def test_build_optimizer_gives_adafactor_each_palm_matrix_its_own_statistics():
+    """The wiring, not the optimizer alone: what build_optimizer returns for a PaLM knows the fused projection's
+    five matrices (and every other matrix as one), so its statistics are per matrix as T5X keeps them."""
+    model = PaLM(PaLMConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, head_dim=8, d_model=32))
+    opt = build_optimizer(model, OptimConfig(optimizer="adafactor"), "cpu")
+    block = model.blocks[0]
+    assert opt.layouts[block.in_proj.weight].splits == (32, 8, 8, 128, 128)  # q, k (one head), v, gate, up
+    assert opt.layouts[block.attn.out.weight].splits == (32,)
+    assert opt.layouts[model.wte.weight].splits == (64,)
+    trained = {p for group in opt.param_groups for p in group["params"]}
+    assert trained == set(model.parameters()) and set(opt.layouts) >= trained
