@@ -42,13 +42,14 @@ def is_adapter(name: str) -> bool:
 
 
 class LoRA(nn.Module):
-    """The adapters of one linear layer whose output stacks the matrices `splits` ({name: rows}, in order):
-    each of them named in `targets` gets its own A_name (r x d_in) and B_name (rows x r); the others none."""
+    """The adapters of one linear layer whose output stacks the matrices `splits` ({name: rows}, in order; kept as
+    `outputs`): each of them named in `targets` gets its own A_name (r x d_in) and B_name (rows x r); the others
+    none."""
 
     def __init__(self, d_in: int, splits: dict[str, int], targets: tuple[str, ...], rank: int, alpha: float,
                  dropout: float) -> None:
         super().__init__()
-        self.splits, self.rank, self.scale = dict(splits), rank, alpha / rank
+        self.outputs, self.rank, self.scale = dict(splits), rank, alpha / rank
         self.names = [n for n in splits if n in targets]
         self.A = nn.ParameterDict({n: nn.Parameter(torch.empty(rank, d_in)) for n in self.names})
         self.B = nn.ParameterDict({n: nn.Parameter(torch.empty(splits[n], rank)) for n in self.names})
@@ -59,13 +60,13 @@ class LoRA(nn.Module):
         z = F.linear(self.drop(x), torch.cat([self.A[n] for n in self.names])) * self.scale  # every A in one matmul
         zs = dict(zip(self.names, z.split(self.rank, dim=-1), strict=True))
         return torch.cat([F.linear(zs[n], self.B[n]) if n in zs else z.new_zeros(*z.shape[:-1], rows)
-                          for n, rows in self.splits.items()], dim=-1)
+                          for n, rows in self.outputs.items()], dim=-1)
 
     def delta_weight(self) -> torch.Tensor:
         """(sum of splits, d_in): what merging adds to the layer's weight, (alpha / r) B A in the adapted rows."""
         a = self.A[self.names[0]]
         return torch.cat([self.scale * self.B[n] @ self.A[n] if n in self.A else a.new_zeros(rows, a.shape[1])
-                          for n, rows in self.splits.items()])
+                          for n, rows in self.outputs.items()])
 
 
 @torch.no_grad()

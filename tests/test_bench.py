@@ -84,12 +84,24 @@ def test_training_benchmark_cli_prints_its_tables(capsys, clock):
 def test_memory_planner_cli_prints_every_mode_and_what_fits(capsys):
     load_bench_script().main(["memory", "--preset=tiny", "--world_size=2", "--gpu_memory=0.01", "--n_layer=4"])
     out = capsys.readouterr().out
-    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| DDP", "| FSDP2"))]
-    assert [(r[0], r[1]) for r in rows] == [("| DDP", m) for m in ("none", "full", "selective")] + [
-        ("| FSDP2", m) for m in ("none", "full", "selective")]
-    fits = {(r[0][2:], r[1]): int(r[2]) for r in rows}
+    rows = [line.split(" | ")[1:] for line in out.splitlines() if line.startswith("| full |")]
+    assert [(r[0], r[1]) for r in rows] == [("DDP", m) for m in ("none", "full", "selective")] + [
+        ("FSDP2", m) for m in ("none", "full", "selective")]
+    fits = {(r[0], r[1]): int(r[2]) for r in rows}
     assert fits[("FSDP2", "full")] > fits[("FSDP2", "selective")] > fits[("FSDP2", "none")] > fits[("DDP", "none")]
     assert "(4 layers, d_model 64" in out and "2 GPU(s) of 0.01 GiB, 10% of it kept free" in out
+
+
+def test_memory_planner_puts_lora_beside_the_full_finetune(capsys):
+    """--lora_rank: the same table for the LoRA run and for the full finetune, LoRA with more room for activations
+    (no gradients or optimizer state for the base)."""
+    load_bench_script().main(["memory", "--preset=tiny", "--world_size=1", "--gpu_memory=0.01", "--n_layer=4",
+                              "--lora_rank=4"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith(("| LoRA", "| full"))]
+    fits = {(r[0][2:], r[2]): int(r[3]) for r in rows}
+    assert sorted(fits) == sorted((t, m) for t in ("LoRA r4", "full") for m in ("none", "full", "selective"))
+    assert all(fits[("LoRA r4", m)] >= fits[("full", m)] for m in ("none", "full", "selective"))
+    assert fits[("LoRA r4", "none")] > fits[("full", "none")] and fits[("LoRA r4", "full")] > fits[("full", "full")]
 
 
 def test_cpu_clock_refuses_a_gpu(monkeypatch):

@@ -95,7 +95,8 @@ NOT_CHECKED = {
 MENTIONS = {"python -m nanopalm.plot": "nanopalm/plot.py", "python -m nanopalm.harness": "nanopalm/harness.py",
             "python -m nanopalm.convert consolidate": "nanopalm/convert.py", "python bench.py memory": "bench.py",
             "torchrun --standalone": "train.py", "scripts/fused_before_after.py": "scripts/fused_before_after.py",
-            "scripts/hf_check.py": "scripts/hf_check.py"}
+            "scripts/hf_check.py": "scripts/hf_check.py",
+            "python -m nanopalm.convert export_adapter": "nanopalm/convert.py"}
 
 
 def documented_commands() -> list[tuple[str, str]]:

@@ -190,17 +190,33 @@ def test_lora_refusals_are_one_line(tmp_path, capsys, char_dataset):
     assert "is gone" in one_line([f"--out_dir={lora}", "--device=cpu"], capsys, sample)
 
 
-@pytest.mark.parametrize("points", [{}, {"rollback_interval": 4, "rollback_distance": 5}], ids=["disk", "memory"])
-def test_a_lora_run_rolls_back_a_loss_spike_from_its_adapter_checkpoint_or_memory(points, runs, tiny_run, tmp_path):
-    """PaLM's spike remedy (Section 5.1) on a LoRA run: back to step 10 (its checkpoint: adapters and base) or to an
-    in-memory point, the batches skipped, and the base still bitwise the base run's at the end."""
+@pytest.mark.parametrize("points, back_to", [({}, 10), ({"rollback_interval": 4, "rollback_distance": 5}, 8)],
+                         ids=["disk", "memory"])
+def test_a_lora_run_rolls_back_a_loss_spike_from_its_adapter_checkpoint_or_memory(points, back_to, runs, tiny_run,
+                                                                                   tmp_path):
+    """PaLM's spike remedy (Section 5.1) on a LoRA run: back to step 10 (its checkpoint: adapters and base) or to the
+    in-memory point of step 8 (the newest at least 5 steps before 15), and the base bitwise the base run's after."""
     base, _, values = runs
     trainer = Trainer(tiny_run("spiked", **{**values, "spike_factor": 3.0, "spike_skip": 7, **points}))
     spike_at(trainer, 15)
     trainer.train()
     rows = [json.loads(line) for line in (tmp_path / "spiked" / "metrics.jsonl").read_text().splitlines()]
     (event,) = [r for r in rows if r.get("event") == "loss_spike"]
-    assert event["spike_step"] == 15 and event["step"] == 10 and trainer.state.step == 20
+    assert event["spike_step"] == 15 and event["step"] == back_to and trainer.state.step == 20
     own = {k: v for k, v in trainer.raw_model.state_dict().items() if not is_adapter(k)}
     base_weights = load_file(ckpt.find_checkpoint(base, prefer_best=True).path / ckpt.MODEL_FILE)
     assert all(torch.equal(own[k], base_weights[k]) for k in base_weights)
+
+
+def test_a_lora_run_trains_with_palms_adafactor_each_adapter_its_own_matrix(runs, tiny_run, tmp_path):
+    """The default run's optimizer on a LoRA finetune: Adafactor's state and statistics for the adapters alone,
+    each A and B one matrix (the base's fused layout is not theirs), and B leaves zero."""
+    _, _, values = runs
+    trainer = Trainer(tiny_run("adafactor", **{**values, "optimizer": "adafactor", "lr_schedule": "constant",
+                                               "weight_decay_mode": "lr_squared", "max_iters": 5}))
+    a_q = trainer.raw_model.blocks[0].in_proj.adapter.A["q"]
+    assert trainer.optimizer.layouts[a_q].splits == (4,)
+    trainer.train()
+    assert {id(p) for p in trainer.optimizer.state} == {id(p) for n, p in trainer.raw_model.named_parameters()
+                                                        if is_adapter(n)}
+    assert trainer.raw_model.blocks[0].in_proj.adapter.B["q"].abs().max() > 0

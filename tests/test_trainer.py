@@ -458,12 +458,14 @@ def test_every_rank_stops_for_the_same_reason_after_the_same_step(tiny_run, monk
 
     def all_reduce_sum(stats, info):  # this rank's numbers plus the other rank's: the same loss, its flags
         other = stats.clone()
-        other[2:] = torch.tensor([0.0, float(other_signalled)])
+        other[3:] = torch.tensor([0.0, float(other_signalled)])
         return stats + other
 
     monkeypatch.setattr(D, "all_reduce_sum", all_reduce_sum)
     monkeypatch.setattr(trainer, "seconds_trained", lambda: 61.0 if time_up else 1.0)
-    assert trainer._sync_step_stats(torch.tensor(4.0), torch.tensor(1.0)) == (4.0, 1.0, expected)
+    # (mean loss, grad norm, the learned tokens of both ranks, why they stop)
+    assert trainer._sync_step_stats(torch.tensor(4.0), torch.tensor(1.0), torch.tensor(256.0)) == (4.0, 1.0, 512,
+                                                                                                  expected)
 
 
 def test_importing_the_trainer_loads_no_data_preparation():
