@@ -135,7 +135,8 @@ class Scorer:
 
     @torch.no_grad()
     def score(self, tokens: np.ndarray, eot_id: int, progress: str = "") -> tuple[float, int]:
-        """(summed nats, tokens scored) of a stream. `progress`: a tqdm description ('' = no bar; rank 0 only)."""
+        """(summed nats, predictions counted) of a stream: every token once, so n when all is well (the tests hold
+        it to that). `progress`: a tqdm description ('' = no bar; rank 0 only)."""
         n, block, size, info = len(tokens), self.block_size, self.batch_size, self.info
         stride = check_stride(self.stride, block)
         if n == 0:
@@ -143,7 +144,7 @@ class Scorer:
         self.model.eval()
         windows = count_windows(n, block, stride)
         batches = math.ceil(windows / size)
-        sums = []
+        sums, scored = [], 0
         for j in tqdm(range(math.ceil(batches / info.world_size)), desc=progress, unit="batch",
                       disable=not progress or not info.is_main, delay=2):  # a bar only where one waits
             b = j * info.world_size + info.rank
@@ -155,11 +156,14 @@ class Scorer:
                 ce = self.model(x, y).ce  # the mean over counted targets
             if b < batches:
                 sums.append(ce.float() * counted)
+                scored += counted
         # One host sync at the end; summed in float64 (float32 would lose digits over millions of tokens).
         nats = torch.stack(sums).cpu().double().sum() if sums else torch.zeros((), dtype=torch.float64)
+        totals = torch.stack([nats, torch.tensor(float(scored), dtype=torch.float64)])
         if info.enabled:
-            nats = D.all_reduce_sum(nats.to(self.device), info)
-        return float(nats), n
+            totals = D.all_reduce_sum(totals.to(self.device), info)
+        nats, scored = totals.tolist()
+        return nats, round(scored)
 
     def split(self, tokenizer: Tokenizer, data_dir: Path, split: str, progress: bool = True) -> Score:
         """The whole of a prepared split (data_dir/split.bin). Its bytes are counted on rank 0 only."""

@@ -16,6 +16,7 @@ from nanopalm.device import Precision
 from nanopalm.errors import UserError
 from nanopalm.evaluate import Scorer, count_windows, document_bytes, window
 from nanopalm.model import PaLM, PaLMConfig
+from nanopalm.shakespeare import load_passages, split_passages
 from nanopalm.tokenizer import load_tokenizer
 from nanopalm.trainer import train
 
@@ -86,7 +87,11 @@ def test_eval_py_scores_the_whole_val_split(eval_run, small_val_dataset, tmp_pat
     meta = load_meta(small_val_dataset)
     eval_main()([f"--out_dir={eval_run}", "--batch_size=8"])
     result = json.loads((eval_run / "eval" / "val.json").read_text())
-    assert result["tokens"] == meta["val_tokens"] and result["bytes"] == meta["val_bytes"]  # every token, once
+    # every token predicted once (the scorer's count of its targets), and the bytes of the raw text: the char
+    # stream is each val scene then an end-of-text, cut after 3,000 tokens (small_val_dataset)
+    scenes = split_passages(load_passages())[1]
+    raw = "".join(scene + "\0" for scene in scenes)[:3000].replace("\0", "")
+    assert result["tokens"] == meta["val_tokens"] == 3000 and result["bytes"] == len(raw.encode())
     # training's formula, val_loss / ln 2 / bytes_per_token_val, over the whole split
     assert result["bits_per_byte"] == pytest.approx(result["loss"] / math.log(2) / meta["bytes_per_token_val"])
     final_val_loss = ckpt.find_checkpoint(eval_run).meta["val_loss"]  # 4 random batches of 128 tokens

@@ -127,6 +127,19 @@ def test_loglikelihood_rolling_equals_eval_py_stride(lm, eval_run, tmp_path):
         rolling = NanoPalmLM(model=lm.model, tokenizer=lm.tokenizer, device="cpu", stride=stride)
         (ll,) = rolling.loglikelihood_rolling([request("loglikelihood_rolling", text)], disable_tqdm=True)
         assert ll == pytest.approx(-json.loads(out.read_text())["nats"], rel=1e-9)
+        if stride is None:  # by hand, outside the Scorer, as its docstring says: disjoint windows of block_size
+            # after an end-of-text, the last one ending the stream with as much context as fits
+            ids, block, eot = lm.tokenizer.encode(text), lm.max_length, lm.tokenizer.eot_id
+            stream, reference, done = [eot, *ids], 0.0, 0
+            while done < len(ids):
+                end = min(done + block, len(ids))
+                start = max(0, end - block)
+                with torch.no_grad():
+                    logits = lm.model(torch.tensor([stream[start:end]])).logits[0].double()
+                logp = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(stream[start + 1:end + 1])[:, None])
+                reference += logp[done - start:].sum().item()  # the predictions no earlier window made
+                done = end
+            assert len(ids) % block and ll == pytest.approx(reference, rel=1e-5)
 
     short = text[:100]  # one window: the rolling score is log P(text | start of a document), as loglikelihood gives
     (ll,) = lm.loglikelihood_rolling([request("loglikelihood_rolling", short)], disable_tqdm=True)

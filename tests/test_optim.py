@@ -263,15 +263,16 @@ def test_validate_rejects_bad_values(kw, match):
         build_config(kw)
 
 
-def test_defaults_are_valid_and_paper_recipe_is_valid():
-    OptimConfig()
-    OptimConfig(
-        optimizer="adafactor",
-        learning_rate=1e-2,
-        lr_schedule="palm",
-        weight_decay_mode="lr_squared",
-        grad_clip=1.0,
-    )
+def test_the_default_and_the_paper_recipes_give_their_schedules():
+    """The default: linear warmup to 6e-4 over 100 steps, cosine to min_lr at lr_decay_iters. PaLM (Section 5):
+    1e-2 for the first 10,000 steps, then 1/sqrt(k), so 0.005 at k = 40,000."""
+    default = OptimConfig()
+    assert lr_at(0, default) == pytest.approx(6e-4 / 100) and lr_at(100, default) == pytest.approx(6e-4)
+    assert lr_at(default.lr_decay_iters, default) == pytest.approx(6e-5)
+    paper = OptimConfig(optimizer="adafactor", learning_rate=1e-2, lr_schedule="palm", weight_decay_mode="lr_squared",
+                        grad_clip=1.0)
+    assert [lr_at(k, paper) for k in (0, 9_999, 10_000)] == [1e-2] * 3
+    assert lr_at(40_000, paper) == pytest.approx(40_000 ** -0.5)
 
 
 def test_adafactor_steps_a_fused_projection_as_its_separate_matrices():
