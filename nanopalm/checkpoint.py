@@ -426,6 +426,7 @@ class Checkpointer:
                     with open(tmp / TRAINER_FILE, "wb") as f:
                         torch.save(trainer_state, f)
                 sharded.write(tmp, shards)
+                fault_point("checkpoint_write")  # this rank's shards are written, nothing renamed yet
             write_atomically(self.run_dir, state.step, write, {**meta, "format": "sharded"}, self.keep_last,
                              self.dist)
         else:  # gathered whole onto rank 0, which writes

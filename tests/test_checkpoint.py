@@ -207,14 +207,31 @@ def test_a_checkpoint_carrying_a_malicious_pickle_cannot_run_code(run_with_check
 
 
 def test_every_torch_load_in_the_code_is_weights_only():
-    sources = [p for pattern in ("*.py", "nanopalm/*.py", "data/*/*.py", "scripts/*.py") for p in REPO.glob(pattern)]
-    calls = []
+    """Whatever name torch.load goes by (`import torch as t`, `from torch import load as read`) and pickle's
+    loaders (which run code by design) not at all, in every Python file of the code."""
+    sources = [p for pattern in ("*.py", "nanopalm/**/*.py", "data/*/*.py", "scripts/*.py") for p in REPO.glob(pattern)]
+    calls, pickle_loads = [], []
     for source in sources:
-        for node in ast.walk(ast.parse(source.read_text(), str(source))):
-            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+        tree = ast.parse(source.read_text(), str(source))
+        torch_names, load_names = {"torch"}, set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                torch_names |= {a.asname or a.name for a in node.names if a.name == "torch"}
+            elif isinstance(node, ast.ImportFrom) and node.module == "torch":
+                load_names |= {a.asname or a.name for a in node.names if a.name == "load"}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            is_load = (isinstance(func, ast.Attribute) and func.attr == "load" and isinstance(func.value, ast.Name)
+                       and func.value.id in torch_names) or (isinstance(func, ast.Name) and func.id in load_names)
+            if is_load:
                 calls.append((source.name, {k.arg: ast.unparse(k.value) for k in node.keywords}))
+            if ast.unparse(func) in ("pickle.load", "pickle.loads", "torch.serialization.load"):
+                pickle_loads.append((source.name, node.lineno))
     assert calls, "expected checkpoint.py to call torch.load"
     assert all(kw.get("weights_only") == "True" for _, kw in calls), calls
+    assert not pickle_loads, pickle_loads
 
 
 def test_a_config_read_from_a_checkpoint_is_data(run_with_checkpoints):

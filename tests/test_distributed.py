@@ -220,3 +220,17 @@ def test_two_ranks_train_lora_adapters_like_one_process(flags, reference_values,
     assert all((theirs[k] - mine[k]).abs().max() <= bound for k in mine)
     metas = [ckpt.verify_checkpoint(ckpt.checkpoint_dir(run, 12)).meta for run in (tmp_path / "one", out)]
     assert metas[0]["lora_base"] == metas[1]["lora_base"] and metas[1]["format"] == "single"
+
+
+def test_a_full_disk_on_one_rank_is_the_same_one_line_on_every_rank(reference_values, tmp_path):
+    """Rank 1 alone fails its shard write of step 6 (ENOSPC): both ranks stop with the same one line, and the
+    checkpoint of step 0 is all there is, whole."""
+    out = tmp_path / "full"
+    result = torchrun({**reference_values, "out_dir": out, **FSDP}, NANOPALM_FAULT="checkpoint_write:enospc:2",
+                      NANOPALM_FAULT_RANK="1")
+    assert result.returncode != 0
+    line = (f"error: cannot write checkpoint {ckpt.checkpoint_dir(out, 6)} (No space left on device): the previous "
+            "checkpoints are intact; free space on that disk (or fix its permissions), then continue with --resume")
+    assert result.stderr.count(line) == 2 and "Traceback" not in result.stderr.split(line)[0], result.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000000"]
+    ckpt.verify_checkpoint(ckpt.checkpoint_dir(out, 0))

@@ -146,6 +146,17 @@ def test_loglikelihood_rolling_equals_eval_py_stride(lm, eval_run, tmp_path):
     assert ll == pytest.approx(loglikelihoods(lm, [("", short)])[0][0], rel=1e-5)
 
 
+def test_a_continuation_longer_than_the_block_is_an_error_naming_both_lengths(lm):
+    """docs/EVAL.md: the context is cut from the left to fit, but a continuation that does not fit cannot be
+    scored: one UserError, not a silently shortened score."""
+    fits = "a" * lm.max_length  # 128 characters, 128 tokens: the whole block
+    (ll, _), = loglikelihoods(lm, [("ROMEO:\n" * 40 + "O", fits)])  # a context far longer than the block: cut
+    assert ll < 0
+    with pytest.raises(UserError, match=f"continuation of {lm.max_length + 1} tokens is longer than the model's "
+                                        f"block_size {lm.max_length}"):
+        loglikelihoods(lm, [("ROMEO", fits + "a")])
+
+
 def test_generate_until_stops_at_the_stop_string_and_matches_sample_py(lm, eval_run, capsys):
     prompt = "ROMEO:\n"
     load_sample_script().main([f"--out_dir={eval_run}", f"--start={prompt}", "--temperature=0",

@@ -108,6 +108,18 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit_cleanly(char_dataset, tmp
     assert all(torch.equal(weights[k], reference[k]) for k in reference)
 
 
+def test_a_second_sigterm_stops_training_at_once_without_saving(char_dataset, tmp_path):
+    """The trainer, not GracefulStop alone: SIGTERM twice before step 3's forward ends the process by the signal
+    itself, with no checkpoint after step 0's and nothing half-written."""
+    out = tmp_path / "run"
+    env = {**ENV, "NANOPALM_FAULT": "train_step:sigterm2:3"}
+    result = subprocess.run(command(char_dataset, out, eval_interval=1000), cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == -signal.SIGTERM, result.stderr
+    assert "SIGTERM received: finishing this step" in result.stderr and "saving a checkpoint" not in result.stdout
+    assert checkpoint_steps(out) == [0] and not list((out / "checkpoints").glob("*.tmp"))
+
+
 def test_the_first_ctrl_c_asks_to_stop_and_a_second_stops_at_once(capfd):
     handler = signal.getsignal(signal.SIGINT)
     with GracefulStop() as stop:

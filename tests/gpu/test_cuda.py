@@ -114,6 +114,7 @@ def test_fp32_attention_kernel_is_recorded():
     with torch.no_grad():
         kernels = attention_kernels(lambda: model(x))
     record("fp32_attention_kernels", kernels)
+    assert not any("flash" in k.lower() or "cudnn" in k.lower() for k in kernels), kernels  # (math: none named)
 
 
 def test_compiled_blocks_match_eager():
@@ -181,3 +182,18 @@ def test_bf16_generation_keeps_a_bf16_cache_that_gives_the_full_forward_logits()
         rest = model(idx[:, 16:], pos=16).logits.float()
         model.clear_cache()
     torch.testing.assert_close(torch.cat([first, rest], dim=1), full, atol=5e-2, rtol=5e-2)
+
+
+def test_batches_in_flight_are_not_overwritten_by_the_next_ones(tmp_path):
+    """The seed reused one pinned buffer for every non-blocking copy, so a batch could be overwritten by the next
+    before its copy finished. Many large batches queued without a sync each arrive as the CPU loader draws them."""
+    from nanopalm.data import BatchLoader
+
+    data = write_synthetic_dataset(tmp_path / "data")
+    cuda = BatchLoader(data, "train", 256, 512, 0, "cuda")
+    batches = [cuda.get_batch(0, i) for i in range(16)]  # copies in flight, nothing synchronised
+    torch.cuda.synchronize()
+    cpu = BatchLoader(data, "train", 256, 512, 0, "cpu")
+    for i, (x, y) in enumerate(batches):
+        expected = cpu.get_batch(0, i)
+        assert torch.equal(x.cpu(), expected[0]) and torch.equal(y.cpu(), expected[1]), i
