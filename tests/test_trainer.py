@@ -47,11 +47,12 @@ def test_short_run_learns_and_writes_its_run_directory(tiny_run, tmp_path):
 
 
 def test_gradient_accumulation_gives_the_same_gradient(tiny_run):
-    """One micro-batch of 8 and two of 4 over the same 8 sequences give one gradient."""
+    """One micro-batch of 8 and two of 4 over the same 8 sequences give one gradient (unclipped: clipping to a norm
+    would hide a gradient twice too large)."""
     batch = Trainer(tiny_run("a")).train_loader.get_batch(0, 0)
     grads = []
     for name, micro, size in (("one", 1, 8), ("two", 2, 4)):
-        trainer = Trainer(tiny_run(name, batch_size=size, gradient_accumulation_steps=micro))
+        trainer = Trainer(tiny_run(name, batch_size=size, gradient_accumulation_steps=micro, grad_clip=0.0))
         trainer.train_loader.get_batch = lambda step, m, s=size: (batch[0][m * s:(m + 1) * s],
                                                                     batch[1][m * s:(m + 1) * s])
         captured = {}
@@ -154,7 +155,11 @@ def assert_steps_never_run_backwards(rows: list[dict]) -> None:
 def test_a_loss_spike_rolls_back_and_skips_batches(tiny_run, tmp_path):
     trainer = Trainer(tiny_run(max_iters=30, eval_interval=10, spike_factor=3.0, spike_skip=7))
     spike_at(trainer, 15)
+    draw, read = trainer.train_loader.get_batch, []
+    trainer.train_loader.get_batch = lambda data_step, micro: read.append(data_step) or draw(data_step, micro)
     trainer.train()
+    # the data steps actually read: 0..15 (15 spiked), then from step 10 on 22..41, never 10..21 again
+    assert read == [*range(16), *range(22, 42)]
     rows = metrics(tmp_path / "run")
     (event,) = [r for r in rows if r.get("event") == "loss_spike"]
     assert event["spike_step"] == 15 and event["step"] == 10  # back to the newest checkpoint
