@@ -83,6 +83,8 @@ NOT_CHECKED = {
                     "output of the check it feeds",
     "python -m pytest": "the test suite itself",
     "scripts/gpu_check.sh": "needs CUDA (it runs tests/gpu/ and the GPU benchmarks)",
+    "python scripts/mutation_check.py": "mutates the working tree in place, minutes (docs/RELIABILITY.md keeps its "
+                                        "result)",
     "scripts/finetune_speaker.sh": "trains two 8-minute finetunes (docs/FINETUNE.md keeps its logs); its commands are "
                                    "each checked here",
     "scripts/eval_shakespeare.sh": "runs the eval.py commands of docs/EVAL.md, each checked here; it rewrites "
