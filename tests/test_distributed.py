@@ -272,3 +272,16 @@ def test_two_nodes_train_like_one_process_and_come_back_from_a_lost_rank(referen
     assert all(n.returncode == 0 for n in nodes), logs[-4000:]
     assert "exitcode: 13" in logs and f"resumed from {ckpt.checkpoint_dir(out, 6)} at step 6" in logs
     assert all(torch.equal(tensor, expected[name]) for name, tensor in weights(out).items())
+
+
+def test_fsdp2_trains_with_palms_adafactor_like_one_process(reference_values, tmp_path):
+    """The paper's optimizer end to end under FSDP2: each rank holds rows of the fused projection, and Adafactor's
+    per-matrix statistics (build_optimizer's layouts, all-reduced over the shards) must give one process's steps.
+    Sums over shards add in another order: within 1e-5."""
+    values = {**reference_values, "optimizer": "adafactor", "learning_rate": 1e-2, "lr_schedule": "palm",
+              "weight_decay_mode": "lr_squared", "palm_constant_steps": 5}
+    train(build_config({**values, "out_dir": str(tmp_path / "one")}))
+    out, _ = launched(values, tmp_path / "two", **FSDP)
+    assert max_difference(losses(tmp_path / "one"), losses(out)) <= 1e-5
+    mine = weights(tmp_path / "one")
+    assert all((tensor - mine[name]).abs().max() <= 1e-5 for name, tensor in weights(out).items())
