@@ -67,7 +67,7 @@ bench() {
 }
 
 GPU=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else '')" 2>>"$LOG")
-run "CUDA tests (tests/gpu)" 150 "$PYTHON" -m pytest tests/gpu -q -rs -p no:cacheprovider
+run "CUDA tests (tests/gpu)" 150 "$PYTHON" -m pytest tests/gpu -o addopts= -q -rs -p no:cacheprovider  # one process: no xdist needed
 # Medium scale on one device (a GPU, or the CPU in the fallback): meta-device init, selective activation
 # checkpointing, sharded checkpoints through torch.distributed.checkpoint, resume, consolidation into one file,
 # sampling from it, on synthetic data.

@@ -145,7 +145,7 @@ def run(mutant: Mutant, timeout: int) -> tuple[str, float, str]:
     started = time.perf_counter()
     try:
         path.write_text(original.replace(mutant.old, mutant.new))
-        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:cacheprovider",
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
                                  *pytest_args(mutant.tests)], cwd=REPO, capture_output=True, text=True,
                                 timeout=timeout)
     except subprocess.TimeoutExpired:
