@@ -120,12 +120,14 @@ def read_examples(path: Path) -> list[list[dict]]:
 
 def prepare_instructions(files: dict[str, Path], tokenizer: Tokenizer, out_dir: Path) -> dict:
     """Write a dataset of instruction examples (files: {"train": path, "val": path}) into out_dir. Every line
-    of both files is checked before anything is written."""
+    of both files is checked, and tokenized, before anything is written."""
     started = time.time()
     examples = {split: read_examples(files[split]) for split in SPLITS}
+    renders = {split: [render(m, tokenizer) for m in examples[split]] for split in SPLITS}  # (a char tokenizer
+    # refuses a character it lacks: here, not halfway through the writing)
 
     def write_split(split: str, path: Path) -> SplitStats:
-        rendered = [render(m, tokenizer) for m in examples[split]]
+        rendered = renders[split]
         ids = np.concatenate([np.asarray(r[0], dtype=np.int64) for r in rendered])
         learned = np.concatenate([np.asarray(r[1], dtype=np.uint8) for r in rendered])
         starts = np.cumsum([0] + [len(r[0]) for r in rendered])
@@ -135,9 +137,8 @@ def prepare_instructions(files: dict[str, Path], tokenizer: Tokenizer, out_dir: 
         np.save(path.with_suffix(".starts.npy"), starts)
         return SplitStats(len(rendered), int(learned.sum()), answers)  # learned tokens and bytes only
 
-    meta = write_dataset(out_dir, tokenizer, f"instructions: {files['train']}, {files['val']}", started, write_split,
+    return write_dataset(out_dir, tokenizer, f"instructions: {files['train']}, {files['val']}", started, write_split,
                          extra={"kind": "instructions", "template": TEMPLATE})
-    return meta
 
 
 def save_template(meta: dict, run_dir: Path) -> None:
@@ -246,7 +247,7 @@ def exact_match(run: str | Path, file: Path, device: str = "auto", dtype: str = 
             *context, last = messages if messages[-1]["role"] == "assistant" else (*messages, None)
             if last is None:
                 raise UserError(f"{file}: an example that does not end with an answer cannot be scored")
-            ids = prompt_ids(context, tokenizer, template)[-model.config.block_size + max_new_tokens:]
+            ids = prompt_ids(context, tokenizer, template)[-max(1, model.config.block_size - max_new_tokens):]
             out = generate(model, torch.tensor([ids], device=where), max_new_tokens, temperature=0.0,
                            eot_id=tokenizer.eot_id, vocab_size=tokenizer.vocab_size)[0, len(ids):].tolist()
             answer = tokenizer.decode(out[:out.index(tokenizer.eot_id)] if tokenizer.eot_id in out else out).strip()

@@ -75,6 +75,13 @@ def test_a_malformed_line_is_named_with_its_file_and_line_and_nothing_is_written
                                  f"--out_dir={out}"])
         err = capsys.readouterr().err.strip().splitlines()
         assert code != 0 and len(err) == 1 and "bad.jsonl:2" in err[0] and not out.exists()
+    # a character the model's tokenizer lacks, in the val file: refused before train.bin is written
+    bad = write_lines(tmp_path / "bad.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "a", "response": "€"}])
+    code = run_cli(prepare, [f"--train_file={good}", f"--val_file={bad}", f"--tokenizer_from={char_dataset}",
+                             f"--out_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "'€' is not in this char vocabulary" in err[0]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture
