@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 from nanopalm.errors import ArgumentParser, run_cli  # noqa: E402
-from nanopalm.instruct import prepare_instructions as prepare  # noqa: E402
+from nanopalm.instruct import prepare_instructions  # noqa: E402
 from nanopalm.prepare import tokenizer_dir  # noqa: E402
 from nanopalm.tokenizer import load_tokenizer  # noqa: E402
 
@@ -28,8 +28,11 @@ def main(argv: list[str]) -> None:
     p.add_argument("--tokenizer_from", required=True, help="the model's run directory (or a dataset) to finetune")
     p.add_argument("--out_dir", type=Path, required=True, help="where train.bin, val.bin, the masks and meta.json go")
     args = p.parse_args(argv)
-    tokenizer = load_tokenizer(tokenizer_dir(args.tokenizer_from))
-    prepare({"train": args.train_file, "val": args.val_file}, tokenizer, args.out_dir)
+    prepare({"train": args.train_file, "val": args.val_file}, args.tokenizer_from, args.out_dir)
+
+
+def prepare(files: dict[str, Path], tokenizer_from: str, out_dir: Path) -> None:
+    prepare_instructions(files, load_tokenizer(tokenizer_dir(tokenizer_from)), out_dir)
 
 
 if __name__ == "__main__":
