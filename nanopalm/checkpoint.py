@@ -56,6 +56,8 @@ class TrainState:
     rollbacks: int = 0  # loss-spike rollbacks so far
     best_val: float = math.inf  # lowest val loss so far
     seconds: float = 0.0  # wall time in the training loop, over every attempt (what max_minutes counts)
+    cooldown_start: int = 0  # the cooldown the clock decided, replayed on resume (nanopalm/budget.py);
+    cooldown_end: int = 0  # 0, 0: none decided, the last steps before max_iters cool down
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,22 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float
     return flops_per_token * tokens_per_s / peak_flops
 
 
+def start_profiler(trace_dir: Path, device: torch.device, announce: bool) -> torch.profiler.profile:
+    """torch.profiler over steps 2-4 (after a wait and a warmup step), traced for TensorBoard into trace_dir."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiler = torch.profiler.profile(
+        activities=activities,
+        schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1),
+        on_trace_ready=torch.profiler.tensorboard_trace_handler(str(trace_dir)),
+    )
+    profiler.start()
+    if announce:
+        print(f"profiling steps 2-4 into {trace_dir}", flush=True)
+    return profiler
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The rows of a run's metrics.jsonl; a line cut short by a crash is skipped, the rest is good."""
     path = Path(run_dir) / "metrics.jsonl"

@@ -54,6 +54,9 @@ class OptimConfig:
     beta2_decay: float = field(
         default=0.8, metadata={"help": "Adafactor second-moment decay: beta2 = 1 - k^-beta2_decay"}
     )
+    cooldown: float = field(
+        default=0.0, metadata={"help": "the last fraction of the run (of max_iters, or of max_minutes when time "
+                                       "ends it first) over which the lr falls linearly to 0; 0 = none"})
     grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip (0 = off)"})
     batch_ramp: str = field(
         default="",
@@ -72,6 +75,8 @@ class OptimConfig:
             raise ValueError(f"warmup_iters must be >= 0, got {self.warmup_iters}")
         if self.lr_schedule == "cosine" and self.lr_decay_iters <= self.warmup_iters:
             raise ValueError(f"lr_decay_iters ({self.lr_decay_iters}) must be > warmup_iters ({self.warmup_iters})")
+        if not 0 <= self.cooldown < 1:
+            raise ValueError(f"cooldown must be in [0, 1) (a fraction of the run), got {self.cooldown}")
         if self.palm_constant_steps < 1:
             raise ValueError(f"palm_constant_steps must be >= 1, got {self.palm_constant_steps}")
         if self.weight_decay < 0:
@@ -286,11 +291,12 @@ def matrix_layouts(model: nn.Module) -> dict[torch.Tensor, MatrixLayout]:
     return layouts
 
 
-def apply_schedule(optimizer: torch.optim.Optimizer, step: int, cfg: OptimConfig) -> float:
-    """Set everything that follows the step before `optimizer.step()`: the lr, the lr^2 decay in
-    lr_squared mode (so param *= 1 - lr * lr exactly once), and Adafactor's global step count.
-    Returns the lr. Expects the param groups of `build_optimizer` (each has a `decay` flag)."""
-    lr = lr_at(step, cfg)
+def apply_schedule(optimizer: torch.optim.Optimizer, step: int, cfg: OptimConfig, scale: float = 1.0) -> float:
+    """Set everything that follows the step before `optimizer.step()`: the lr (the schedule's times `scale`,
+    the cooldown's factor: nanopalm/budget.py), the lr^2 decay in lr_squared mode (so param *= 1 - lr * lr
+    exactly once), and Adafactor's global step count. Returns the lr. Expects the param groups of
+    `build_optimizer` (each has a `decay` flag)."""
+    lr = lr_at(step, cfg) * scale
     for group in optimizer.param_groups:
         group["lr"] = lr
         if group["decay"] and cfg.weight_decay_mode == "lr_squared":

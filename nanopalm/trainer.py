@@ -21,8 +21,9 @@ import torch
 from nanopalm import distributed as D
 from nanopalm import shakespeare
 from nanopalm.atomic import check_dir, ensure_dir, write_atomic
+from nanopalm.budget import Budget
 from nanopalm.checkpoint import Checkpointer, StartPoint, TrainState
-from nanopalm.config import RUN_CONFIG_FILE, RunConfig
+from nanopalm.config import RUN_CONFIG_FILE, RunConfig, TrainConfig
 from nanopalm.data import BatchLoader, load_meta
 from nanopalm.device import free_memory, pick_device, pick_precision
 from nanopalm.errors import MEMORY_ADVICE, Interrupted, UserError, warn
@@ -31,7 +32,7 @@ from nanopalm.faults import fault_point
 from nanopalm.instruct import ExampleLoader, save_template, score_examples
 from nanopalm.lora import lora_base_record, trainable_parameters
 from nanopalm.memory import GIB, Setup, estimate
-from nanopalm.metrics import MetricsLogger, gpu_peak_flops, mfu
+from nanopalm.metrics import MetricsLogger, gpu_peak_flops, mfu, start_profiler
 from nanopalm.optim import apply_schedule, build_optimizer, micro_steps_at
 from nanopalm.plot import plot_runs
 from nanopalm.sampling import generate_text
@@ -116,11 +117,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.grad_scaler)
         self.state = TrainState()
         self.saved_step: int | None = None  # the step of the checkpoint this process saved or loaded last
+        self.budget = Budget(t.max_iters, t.max_minutes, self.cfg.optim.cooldown)
         if start is not None:
             optimizer = self.optimizer if start.resume else None  # finetuning: the weights, a fresh optimizer
             loaded = self.checkpointer.load(start.checkpoint, self.raw_model, optimizer, self.scaler)
             if start.resume:
                 self.state, self.saved_step = loaded, loaded.step
+                self._replan_if_budget_changed(start.checkpoint.config().train)
                 if self.dist.is_main:
                     print(f"resumed from {start.checkpoint.path} at step {loaded.step}", flush=True)
 
@@ -182,6 +185,15 @@ class Trainer:
                  f"{need.activations / GIB:.1f}, temporary {need.temporary / GIB:.1f} GiB) but {free / GIB:.1f} GiB "
                  f"is free, so it may run out: {MEMORY_ADVICE}")
 
+    def _replan_if_budget_changed(self, saved: TrainConfig) -> None:
+        """A resume that changes max_iters or max_minutes drops the cooldown the clock planned for the old budget:
+        the new budget plans its own (nanopalm/budget.py)."""
+        t = self.cfg.train
+        if self.state.cooldown_end and (saved.max_iters, saved.max_minutes) != (t.max_iters, t.max_minutes):
+            self.state.cooldown_start = self.state.cooldown_end = 0
+            if self.dist.is_main:
+                print("the budget changed: the cooldown planned for the old one is dropped", flush=True)
+
     def _check_tokenizer(self, meta: dict) -> None:
         expected, found = meta.get("tokenizer_sha256"), self.tokenizer_sha256
         if expected and expected != found:
@@ -191,12 +203,13 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self) -> str | None:
-        """Train to max_iters, or until every rank stops together; returns why it stopped early: None (it did
-        not), "max_minutes", or the name of the signal that asked it to stop (SIGTERM, SIGINT)."""
+        """Train to the budget's end (max_iters, or the end of the cooldown the clock planned: nanopalm/budget.py),
+        or until every rank stops together; returns why it stopped early: None (it did not), "max_minutes", or the
+        name of the signal that asked it to stop (SIGTERM, SIGINT)."""
         t = self.cfg.train
-        profiler = self._profiler()
+        profiler = start_profiler(self.out_dir / "profile", self.device, self.dist.is_main) if t.profile else None
         stop = None
-        while self.state.step < t.max_iters and stop is None:
+        while self.state.step < self.budget.end(self.state) and stop is None:
             self.iteration_started = time.perf_counter()
             if self.state.step % t.eval_interval == 0 and self.state.step != self.saved_step:
                 self.evaluate_and_checkpoint()  # (not again at a step just saved or resumed from)
@@ -227,7 +240,7 @@ class Trainer:
         tick = time.perf_counter()
         fault_point("train_step")
         step = self.state.step
-        lr = apply_schedule(self.optimizer, step, o)
+        lr = apply_schedule(self.optimizer, step, o, self.budget.plan(self.state).scale(step))
         micro_steps = micro_steps_at(step, t.gradient_accumulation_steps, o.batch_ramp)
         local_steps = micro_steps // self.dist.world_size
         data_step = step + self.state.data_offset
@@ -246,7 +259,7 @@ class Trainer:
             learned += (y != -1).sum()  # the tokens with a target: all of them, but an instruction's prompt
         self.scaler.unscale_(self.optimizer)
         grad_norm = D.clip_grad_norm(self.raw_model, o.grad_clip if o.grad_clip > 0 else math.inf, self.dist)
-        loss_value, norm_value, step_tokens, stop = self._sync_step_stats(loss_sum, grad_norm, learned)
+        loss_value, norm_value, step_tokens, stop, cooldown_due = self._sync_step_stats(loss_sum, grad_norm, learned)
         if self.spikes.is_spike(loss_value, norm_value, self.scaler.is_enabled()):
             self.rollback(loss_value, norm_value)
             return stop
@@ -257,25 +270,31 @@ class Trainer:
         self.spikes.append(loss_value)
         self.state.step += 1
         self.state.tokens += step_tokens
+        if cooldown_due and (cooldown := self.budget.decide(self.state)):
+            self.logger.log({"step": self.state.step, "event": "cooldown", "end_step": cooldown.end})
+            if self.dist.is_main:
+                print(f"cooldown: {1 - o.cooldown:.0%} of max_minutes={t.max_minutes} gone at step {cooldown.start}; "
+                      f"the lr falls to 0 by step {cooldown.end}, the run's end", flush=True)
         if self.state.step % t.log_interval == 0 or self.state.step == 1:
             self._log_train(loss_value, norm_value, lr, time.perf_counter() - tick, step_tokens)
         return stop
 
     def _sync_step_stats(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor, learned: torch.Tensor
-                         ) -> tuple[float, float, int, str | None]:
-        """(mean loss over ranks, grad norm, tokens learned by all ranks, why to stop after this step or None) on
-        the host: the one host sync of a step. Under torchrun the stop flags ride on the same all-reduce as the
-        loss, so every rank stops at the same step when any rank's max_minutes is up or any rank got SIGTERM /
-        Ctrl-C (a rank that got none stops as for SIGTERM)."""
-        minutes = self.cfg.train.max_minutes
-        time_up = minutes > 0 and self.seconds_trained() > 60 * minutes
-        flags = torch.tensor([float(time_up), float(self.signals.signum is not None)])
+                         ) -> tuple[float, float, int, str | None, bool]:
+        """(mean loss over ranks, grad norm, tokens learned by all ranks, why to stop after this step or None,
+        whether the clock says to plan the cooldown) on the host: the one host sync of a step. Under torchrun the
+        clock's flags ride on the same all-reduce as the loss, so every rank stops (or plans its cooldown) at the
+        same step when any rank's clock says so or any rank got SIGTERM / Ctrl-C (a rank that got none stops as for
+        SIGTERM)."""
+        seconds = self.seconds_trained()
+        flags = torch.tensor([float(self.budget.time_up(seconds)), float(self.signals.signum is not None),
+                              float(self.budget.cooldown_due(seconds, self.state))])
         sums = torch.stack([loss_sum.float(), grad_norm.float(), learned.float()])
         stats = torch.cat([sums, flags.to(self.device)])
-        loss, norm, tokens, time_up, signalled = D.all_reduce_sum(stats, self.dist).tolist()
+        loss, norm, tokens, time_up, signalled, due = D.all_reduce_sum(stats, self.dist).tolist()
         stop = (self.signals.name or "SIGTERM") if signalled else "max_minutes" if time_up else None
         world = self.dist.world_size  # every rank holds the same global grad norm
-        return loss / world, norm / world, round(tokens), stop
+        return loss / world, norm / world, round(tokens), stop, due > 0
 
     def seconds_trained(self) -> float:
         """Wall time in the training loop so far, every attempt of this run included (TrainState.seconds)."""
@@ -312,8 +331,10 @@ class Trainer:
         self.checkpointer.discard_after(restored.step)
         # Resume the data stream spike_skip batches past the spike: step s now reads data step s + offset.
         offset = spike_data_step + self.cfg.train.spike_skip - restored.step
-        # Time spent stays spent: max_minutes counts the abandoned steps too.
-        self.state = dataclasses.replace(restored, rollbacks=rollbacks, data_offset=offset, seconds=self.state.seconds)
+        # Time spent stays spent: max_minutes counts the abandoned steps too; a cooldown planned stays planned.
+        self.state = dataclasses.replace(restored, rollbacks=rollbacks, data_offset=offset, seconds=self.state.seconds,
+                                         cooldown_start=self.state.cooldown_start,
+                                         cooldown_end=self.state.cooldown_end)
         self.saved_step = restored.step  # a point at an eval step is kept right after that step's checkpoint
         self.optimizer.zero_grad(set_to_none=True)
         self.spikes.clear()
@@ -404,23 +425,6 @@ class Trainer:
         with self.precision.autocast(self.device, for_generation=True):
             return generate_text(self.raw_model, self.tokenizer, self.cfg.train.sample_prompt, max_new_tokens,
                                  temperature=0.8, top_k=200, seed=self.cfg.train.seed)
-
-    def _profiler(self):
-        if not self.cfg.train.profile:
-            return None
-        trace_dir = self.out_dir / "profile"
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if self.device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        profiler = torch.profiler.profile(
-            activities=activities,
-            schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1),
-            on_trace_ready=torch.profiler.tensorboard_trace_handler(str(trace_dir)),
-        )
-        profiler.start()
-        if self.dist.is_main:
-            print(f"profiling steps 2-4 into {trace_dir}", flush=True)
-        return profiler
 
 
 def train(cfg: RunConfig) -> dict:

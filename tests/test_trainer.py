@@ -448,29 +448,32 @@ def test_ms_per_step_leaves_out_the_evaluations(tiny_run, tmp_path, monkeypatch)
     assert rows[-1]["seconds"] > 3000  # the evaluations at steps 0, 2 and 4 count in the run's time
 
 
-@pytest.mark.parametrize("own_signal, other_signalled, time_up, expected", [
-    (None, False, False, None),
-    (None, False, True, "max_minutes"),
-    (signal.SIGINT, False, True, "SIGINT"),  # a signal outranks the time budget: it wants out, no sample
-    (None, True, False, "SIGTERM"),  # another rank was signalled: this one stops as for SIGTERM
+@pytest.mark.parametrize("own_signal, other_signalled, seconds, other_cooldown, expected", [
+    (None, False, 1.0, False, (None, False)),
+    (None, False, 61.0, False, ("max_minutes", True)),
+    (signal.SIGINT, False, 61.0, False, ("SIGINT", True)),  # a signal outranks the time budget: it wants out
+    (None, True, 1.0, False, ("SIGTERM", False)),  # another rank was signalled: this one stops as for SIGTERM
+    (None, False, 50.0, False, (None, True)),  # 80% of the minute gone: time to plan the cooldown
+    (None, False, 1.0, True, (None, True)),  # the other rank's clock says so: this one plans it too
 ])
 def test_every_rank_stops_for_the_same_reason_after_the_same_step(tiny_run, monkeypatch, own_signal, other_signalled,
-                                                                    time_up, expected):
-    """The stop flags ride on the step's one all-reduce; train_step returns why all ranks stop (train() decides)."""
-    trainer = Trainer(tiny_run(max_minutes=1.0))
+                                                                    seconds, other_cooldown, expected):
+    """The clock's and the signals' flags ride on the step's one all-reduce; train_step returns why all ranks stop
+    (train() decides) and whether all ranks plan the cooldown now."""
+    trainer = Trainer(tiny_run(max_minutes=1.0, cooldown=0.2))
     trainer.signals.signum = own_signal
     monkeypatch.setattr(trainer, "dist", D.DistInfo(rank=0, local_rank=0, world_size=2))
 
     def all_reduce_sum(stats, info):  # this rank's numbers plus the other rank's: the same loss, its flags
         other = stats.clone()
-        other[3:] = torch.tensor([0.0, float(other_signalled)])
+        other[3:] = torch.tensor([0.0, float(other_signalled), float(other_cooldown)])
         return stats + other
 
     monkeypatch.setattr(D, "all_reduce_sum", all_reduce_sum)
-    monkeypatch.setattr(trainer, "seconds_trained", lambda: 61.0 if time_up else 1.0)
-    # (mean loss, grad norm, the learned tokens of both ranks, why they stop)
+    monkeypatch.setattr(trainer, "seconds_trained", lambda: seconds)
+    # (mean loss, grad norm, the learned tokens of both ranks, why they stop, whether they plan the cooldown)
     assert trainer._sync_step_stats(torch.tensor(4.0), torch.tensor(1.0), torch.tensor(256.0)) == (4.0, 1.0, 512,
-                                                                                                  expected)
+                                                                                                  *expected)
 
 
 def test_importing_the_trainer_loads_no_data_preparation():
