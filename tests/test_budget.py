@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from test_trainer import final_weights, metrics
+from test_trainer import final_weights, metrics, spike_at
 
 from nanopalm import checkpoint as ckpt
 from nanopalm.budget import Budget, Cooldown
@@ -96,3 +96,23 @@ def test_by_steps_the_last_fraction_of_max_iters_trains_at_the_falling_lr(tiny_r
                                                               "lr_decay_iters", "min_lr")})
     expected = [lr_at(k, optim) * min(1.0, (20 - k) / 5) for k in range(20)]  # the cooldown: steps 15..19
     assert lrs == pytest.approx(expected, rel=1e-12) and lrs[16] < lr_at(16, optim) and lrs[14] == lr_at(14, optim)
+
+
+def test_a_loss_spike_rollback_to_before_the_plan_keeps_the_plan(tiny_run, tmp_path, monkeypatch):
+    """A clock of 3 s a step (the furthest step reached: time is not given back by a rollback) plans the cooldown
+    during step 21 (63 s > 60 s), from step 22 to 44; a spike at 25 rolls back to the checkpoint of step 15, saved
+    before the plan. The plan stays: not planned anew from step 16 (to 32)."""
+    furthest = [0]
+
+    def clock(self):
+        furthest[0] = max(furthest[0], self.state.step)
+        return 3.0 * furthest[0]
+
+    monkeypatch.setattr(Trainer, "seconds_trained", clock)
+    monkeypatch.setattr(Budget, "time_up", lambda self, seconds: False)  # the plan alone ends this run
+    trainer = Trainer(tiny_run(**{**CLOCK_RUN, "eval_interval": 15, "spike_factor": 3.0}))
+    spike_at(trainer, 25)
+    trainer.train()
+    (event,) = [r for r in metrics(tmp_path / "run") if r.get("event") == "loss_spike"]
+    assert event["step"] == 15
+    assert (trainer.state.step, trainer.state.cooldown_start, trainer.state.cooldown_end) == (44, 22, 44)

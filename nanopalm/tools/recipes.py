@@ -100,7 +100,7 @@ def report(done: list[tuple[str, dict, list[dict]]], command: str, machine: str,
         "curve).", ""])
 
 
-def main(argv: list[str]) -> None:
+def parse_args(argv: list[str]):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], usage="python -m nanopalm.tools.recipes [options]")
     p.add_argument("--only", default="", help=f"comma-separated recipes (default: all: {', '.join(RECIPES)})")
     p.add_argument("--seeds", type=int, default=2, help="seeds per recipe")
@@ -113,9 +113,15 @@ def main(argv: list[str]) -> None:
         raise UserError(f"--only: no recipe {', '.join(unknown)}; the recipes: {', '.join(RECIPES)}")
     if args.seeds < 1 or args.minutes <= 0:
         raise UserError("--seeds must be >= 1 and --minutes > 0")
+    args.names = names
+    return args
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
     ensure_dir(args.out, "--out")
     done, commit = [], source_commit()
-    for name in names:
+    for name in args.names:
         runs = [run_values(name, seed, args.out, args.minutes) for seed in range(args.seeds)]
         results = []
         for values in runs:

@@ -1,0 +1,42 @@
+"""The default run's recipe study (nanopalm/tools/recipes.py): every recipe is PaLM's architecture and differs
+from the paper's recipe only where it says so; the report's numbers, by hand."""
+
+import pytest
+
+from nanopalm.config import build_config
+from nanopalm.errors import UserError
+from nanopalm.tools import recipes
+from nanopalm.tools.ablate import SWITCHES
+
+
+def model_of(name: str):
+    return build_config({**recipes.load_preset("shakespeare"), **recipes.PAPER, **recipes.RECIPES[name][1]}).model
+
+
+@pytest.mark.parametrize("name", list(recipes.RECIPES))
+def test_every_recipe_keeps_palms_architecture_and_changes_only_what_it_names(name):
+    model, paper = model_of(name), model_of("paper")
+    section2 = {k: v for switch, (choice, _, _) in SWITCHES.items() if switch != "adafactor" for k, v in choice.items()}
+    assert {k: getattr(model, k) for k in section2} == section2  # parallel, multi-query, SwiGLU, RoPE, no bias, ...
+    values = {**recipes.load_preset("shakespeare"), **recipes.PAPER, **recipes.RECIPES[name][1]}
+    mine, theirs = build_config(values).to_dict(), build_config({**values, **recipes.PAPER}).to_dict()
+    derived = {"min_lr"} if "learning_rate" in recipes.RECIPES[name][1] else set()  # learning_rate / 10, unused
+    assert {k for k in mine if mine[k] != theirs[k]} - derived <= set(recipes.RECIPES[name][1])
+    assert paper.d_model == 256 and paper.n_layer == 4 and build_config(recipes.PAPER).optim.lr_schedule == "palm"
+
+
+def test_the_report_gives_each_recipes_mean_sd_and_difference_from_the_paper():
+    run = {"tokens_per_s": 5000.0, "steps": 400, "curve": []}
+    done = [("paper", recipes.PAPER, [{**run, "val_bpb_full": 2.0}, {**run, "val_bpb_full": 2.1}]),
+            ("wsd", {**recipes.PAPER, **recipes.WSD}, [{**run, "val_bpb_full": 1.9}, {**run, "val_bpb_full": 1.96}])]
+    text = recipes.report(done, "python -m nanopalm.tools.recipes", "Measured here", 3.0)
+    # means 2.05 and 1.93; sd of two values a, b is |a - b| / sqrt(2): 0.0707 and 0.0424; 1.93 - 2.05 = -0.12
+    assert "| paper | the paper's recipe at the old default's size | 5,899,520 | 5,000 | 400 | 2.0500 +- 0.0707 |  |" \
+        in text
+    assert "| 1.9300 +- 0.0424 | -0.1200 | 1.9000 1.9600 |" in text
+
+
+def test_an_unknown_recipe_is_refused_naming_the_known_ones():
+    with pytest.raises(UserError, match="no recipe nope; the recipes: paper, paper"):
+        recipes.parse_args(["--only", "paper,nope"])
+    assert recipes.parse_args(["--only", "wsd, paper"]).names == ["wsd", "paper"]
