@@ -23,7 +23,7 @@ from conftest import REPO, load_script
 from nanopalm import convert
 from nanopalm.config import help_text, parse_args
 from nanopalm.shakespeare import load_passages
-from nanopalm.tools import ablate
+from nanopalm.tools import ablate, recipes
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 STARTS = ("python ", "torchrun ", "pip ", "scripts/", "bash ")
@@ -170,6 +170,8 @@ def parse_only(command: str, monkeypatch) -> None:
         assert calls, command
     elif script == "-m nanopalm.tools.ablate":
         ablate.parse_args(args)
+    elif script == "-m nanopalm.tools.recipes":
+        recipes.parse_args(args)
     elif script == "tests/helpers/memory_of_ranks.py":
         assert (REPO / script).is_file()
     else:

@@ -31,7 +31,7 @@ PAPER = dict(vocab_size=8192, block_size=256, n_layer=4, n_head=4, head_dim=64, 
              batch_size=8, gradient_accumulation_steps=1, optimizer="adafactor", learning_rate=1e-2,
              lr_schedule="palm", palm_constant_steps=100, weight_decay_mode="lr_squared", cooldown=0.0, dropout=0.0)
 WSD = dict(lr_schedule="constant", warmup_iters=0, cooldown=0.2)  # PaLM has no warmup (Section 5)
-FAST = {**WSD, "learning_rate": 2e-2}
+FAST = {**WSD, "learning_rate": 4e-2}
 
 # name -> (what changes, in words; the keys on top of PAPER). Order: the schedule first, then the rest on the
 # schedule the first stage chose.
@@ -40,21 +40,21 @@ RECIPES: dict[str, tuple[str, dict]] = {
     "paper+cooldown": ("1/sqrt(k), the last 20% falling to 0", dict(cooldown=0.2)),
     "wsd": ("lr 1e-2 held, the last 20% falling to 0 (warmup-stable-decay)", WSD),
     "wsd-lr2e-2": ("wsd at lr 2e-2", {**WSD, "learning_rate": 2e-2}),
-    "wsd-lr5e-3": ("wsd at lr 5e-3", {**WSD, "learning_rate": 5e-3}),
     "wsd-cooldown0.4": ("wsd, the last 40% falling", {**WSD, "cooldown": 0.4}),
     "wsd-lr4e-2": ("wsd at lr 4e-2", {**WSD, "learning_rate": 4e-2}),
-    # Stage 2, on the best lr of stage 1 (2e-2, run before 4e-2 was):
-    "fast+batch16": ("wsd-lr2e-2, 16 sequences a step", {**FAST, "batch_size": 16}),
-    "fast+vocab4k": ("wsd-lr2e-2, a 4,096-token vocabulary", {**FAST, "vocab_size": 4096}),
-    "fast+6x192": ("wsd-lr2e-2, 6 layers of d_model 192", {**FAST, "n_layer": 6, "d_model": 192, "d_ff": 768,
+    "wsd-lr8e-2": ("wsd at lr 8e-2", {**WSD, "learning_rate": 8e-2}),
+    # Stage 2, on wsd at lr 4e-2 (the best lr when it began):
+    "fast+batch16": ("wsd-lr4e-2, 16 sequences a step", {**FAST, "batch_size": 16}),
+    "fast+vocab4k": ("wsd-lr4e-2, a 4,096-token vocabulary", {**FAST, "vocab_size": 4096}),
+    "fast+6x192": ("wsd-lr4e-2, 6 layers of d_model 192", {**FAST, "n_layer": 6, "d_model": 192, "d_ff": 768,
                                                            "n_head": 3}),
-    "fast+dropout0.1": ("wsd-lr2e-2 with dropout 0.1", {**FAST, "dropout": 0.1}),
+    "fast+dropout0.1": ("wsd-lr4e-2 with dropout 0.1", {**FAST, "dropout": 0.1}),
     "fast+adamw": ("AdamW (lr 3e-3, decoupled decay 0.1) on the wsd schedule", {
         **FAST, "optimizer": "adamw", "learning_rate": 3e-3, "weight_decay_mode": "decoupled", "weight_decay": 0.1}),
-    "fast+batch4": ("wsd-lr2e-2, 4 sequences a step", {**FAST, "batch_size": 4}),
-    "fast+vocab16k": ("wsd-lr2e-2, a 16,384-token vocabulary", {**FAST, "vocab_size": 16384}),
-    "fast+d192": ("wsd-lr2e-2, d_model 192 (3 heads of 64)", {**FAST, "d_model": 192, "d_ff": 768, "n_head": 3}),
-    "fast+block128": ("wsd-lr2e-2, 16 x 128 tokens a step", {**FAST, "batch_size": 16, "block_size": 128}),
+    "fast+batch4": ("wsd-lr4e-2, 4 sequences a step", {**FAST, "batch_size": 4}),
+    "fast+vocab16k": ("wsd-lr4e-2, a 16,384-token vocabulary", {**FAST, "vocab_size": 16384}),
+    "fast+d192": ("wsd-lr4e-2, d_model 192 (3 heads of 64)", {**FAST, "d_model": 192, "d_ff": 768, "n_head": 3}),
+    "fast+block128": ("wsd-lr4e-2, 16 x 128 tokens a step", {**FAST, "batch_size": 16, "block_size": 128}),
 }
 
 
