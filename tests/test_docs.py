@@ -85,6 +85,8 @@ NOT_CHECKED = {
     "scripts/gpu_check.sh": "needs CUDA (it runs tests/gpu/ and the GPU benchmarks)",
     "python scripts/mutation_check.py": "mutates the working tree in place, minutes (docs/RELIABILITY.md keeps its "
                                         "result)",
+    "scripts/default_run.sh": "trains the default run, 10 minutes, in a fresh clone; docs/results/default_run*/ keep "
+                              "its output",
     "scripts/finetune_speaker.sh": "trains two 8-minute finetunes (docs/FINETUNE.md keeps its logs); its commands are "
                                    "each checked here",
     "scripts/eval_shakespeare.sh": "runs the eval.py commands of docs/EVAL.md, each checked here; it rewrites "

@@ -34,6 +34,7 @@ def test_the_report_gives_each_recipes_mean_sd_and_difference_from_the_paper():
     assert "| paper | the paper's recipe at the old default's size | 5,899,520 | 5,000 | 400 | 2.0500 +- 0.0707 |  |" \
         in text
     assert "| 1.9300 +- 0.0424 | -0.1200 | 1.9000 1.9600 |" in text
+    assert "Lowest: **wsd**, 1.9300 bits per byte." in text
 
 
 def test_an_unknown_recipe_is_refused_naming_the_known_ones():

@@ -36,9 +36,11 @@ from nanopalm.errors import ArgumentParser, UserError, run_cli
 from nanopalm.metrics import read_metrics
 from nanopalm.variants import equal_size, param_count
 
-ADAFACTOR = dict(optimizer="adafactor", learning_rate=1e-2, lr_schedule="palm", weight_decay_mode="lr_squared")
+# The two recipes, whatever the preset's recipe (the default's, docs/DEFAULT_RUN.md, has a cooldown): as studied.
+ADAFACTOR = dict(optimizer="adafactor", learning_rate=1e-2, lr_schedule="palm", weight_decay_mode="lr_squared",
+                 cooldown=0.0)
 ADAMW = dict(optimizer="adamw", learning_rate=6e-3, min_lr=6e-4, lr_schedule="cosine", warmup_iters=20,
-             weight_decay_mode="decoupled", weight_decay=0.1)
+             weight_decay_mode="decoupled", weight_decay=0.1, cooldown=0.0)
 
 # name -> (PaLM's choice, GPT-2's choice, what the paper says it is worth). The paper's words are quoted from
 # Chowdhery et al. 2022 (PaLM), with the section.

@@ -78,10 +78,11 @@ def run_values(name: str, seed: int, out: Path, minutes: float) -> dict:
 
 
 def report(done: list[tuple[str, dict, list[dict]]], command: str, machine: str, minutes: float) -> str:
-    rows, paper = [], None
+    rows, paper, means = [], None, {}
     for name, values, results in done:
         bpbs = [r["val_bpb_full"] for r in results]
         mean, sd = statistics.mean(bpbs), statistics.stdev(bpbs) if len(bpbs) > 1 else 0.0
+        means[name] = mean
         paper = mean if name == "paper" else paper
         delta = f"{mean - paper:+.4f}" if paper is not None and name != "paper" else ""
         model = build_config(values).model
@@ -98,6 +99,7 @@ def report(done: list[tuple[str, dict, list[dict]]], command: str, machine: str,
         "split, mean +- sd over seeds, then each seed's.", "",
         "| recipe | what changes | params | tokens/s | steps | val bpb | vs paper | seeds |",
         "|---|---|---:|---:|---:|---:|---:|---|", *rows, "",
+        f"Lowest: **{min(means, key=means.get)}**, {min(means.values()):.4f} bits per byte.", "",
         "![val bpb against tokens and seconds](recipes/curves.png)", "",
         "Raw results: `docs/recipes/results.json` (per run: config, final whole-val bpb, tokens/s, the eval "
         "curve).", ""])
