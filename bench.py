@@ -1,6 +1,6 @@
 """Benchmarks, printed as Markdown tables for docs/BENCHMARKS.md.
 
-    python bench.py                                     # training: the default run's model (preset shakespeare)
+    python bench.py                                     # training: palm_6m, the CPU figures' model
     python bench.py --compare                           # ... against the GPT-2 architecture of the same size
     python bench.py --preset=palm_350m --block_size=2048 --batch_size=8 --device=cuda --compile false true
     python bench.py generation                          # palm_20m, 256 and 1024 tokens of context
@@ -28,7 +28,8 @@ from nanopalm.tools.benchmarks import bench_generation, bench_logits, bench_memo
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="shakespeare", help="a preset from config/ or a JSON file")
+    p.add_argument("--preset", default="palm_6m",
+                   help="a preset from config/ or a JSON file (palm_6m: the model of docs/BENCHMARKS.md's CPU figures)")
     p.add_argument("--compare", action="store_true", help="also time the GPT-2 architecture of the same size")
     p.add_argument("--batch_size", type=int, default=0, help="sequences per step (0 = the preset's, else 8)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per repeat (their median counts)")

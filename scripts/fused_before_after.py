@@ -3,7 +3,7 @@ process: the old file for both fused functions, this tree's output layer with th
 tree's file for both. From the repository root:
 
     git show 2a8de46~1:nanopalm/fused.py > /tmp/old_fused.py
-    python scripts/fused_before_after.py /tmp/old_fused.py shakespeare 1 30 cpu    # OLD PRESET THREADS ROUNDS CLOCK
+    python scripts/fused_before_after.py /tmp/old_fused.py palm_6m 1 30 cpu    # OLD PRESET THREADS ROUNDS CLOCK
 
 Each round times one step of each variant, in an order reversed every round, on the same model, optimizer and
 batch (nanopalm.tools.bench.make_train_bench); it prints the median step and the median of the per-round ratios

@@ -51,12 +51,19 @@ def fake_clock(monkeypatch, seconds):
     monkeypatch.setattr(Trainer, "seconds_trained", lambda self: seconds(self.state.step))
 
 
+# The default run's recipe (config/shakespeare.json): PaLM's Adafactor, lr^2 decay, z-loss, a constant lr and the
+# cooldown; under bf16 autocast, as the default run trains on a CPU with native bf16.
+DEFAULT_RECIPE = dict(optimizer="adafactor", weight_decay_mode="lr_squared", z_loss=1e-4, dtype="bfloat16")
+
+
+@pytest.mark.parametrize("recipe", [{}, DEFAULT_RECIPE], ids=["adamw-fp32", "default-bf16"])
 def test_a_run_cut_by_time_ends_annealed_and_its_resume_replays_the_recorded_decision(tiny_run, tmp_path,
-                                                                                       monkeypatch):
+                                                                                       monkeypatch, recipe):
     # The clock says 70 s (past half of 2 minutes) from step 20 on: during step 20 the flag is raised, after it
     # (21 steps done) the cooldown is planned over 21 * 0.5 / 0.5 = 21 more steps, to step 42.
     fake_clock(monkeypatch, lambda step: 70.0 if step >= 20 else 0.0)
-    train(tiny_run("straight", **CLOCK_RUN))
+    run = {**CLOCK_RUN, **recipe}
+    train(tiny_run("straight", **run))
     state = ckpt.find_checkpoint(tmp_path / "straight").train_state()
     assert (state.step, state.cooldown_start, state.cooldown_end) == (42, 21, 42)
     rows = metrics(tmp_path / "straight")
@@ -71,7 +78,7 @@ def test_a_run_cut_by_time_ends_annealed_and_its_resume_replays_the_recorded_dec
         if int(late.name.removeprefix("step_")) > 30:
             shutil.rmtree(late)
     fake_clock(monkeypatch, lambda step: 0.0)
-    train(tiny_run("resumed", **CLOCK_RUN, resume=True))
+    train(tiny_run("resumed", **run, resume=True))
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     trained = [(r["step"], r["lr"], r["train_loss"]) for r in metrics(tmp_path / "resumed") if "lr" in r]

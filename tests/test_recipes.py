@@ -1,7 +1,11 @@
 """The default run's recipe study (nanopalm/tools/recipes.py): every recipe is PaLM's architecture and differs
 from the paper's recipe only where it says so; the report's numbers, by hand."""
 
+import json
+import statistics
+
 import pytest
+from conftest import REPO
 
 from nanopalm.config import build_config
 from nanopalm.errors import UserError
@@ -41,3 +45,15 @@ def test_an_unknown_recipe_is_refused_naming_the_known_ones():
     with pytest.raises(UserError, match="no recipe nope; the recipes: paper, paper"):
         recipes.parse_args(["--only", "paper,nope"])
     assert recipes.parse_args(["--only", "wsd, paper"]).names == ["wsd", "paper"]
+
+
+def test_the_default_run_is_the_lowest_recipe_the_study_kept():
+    """docs/DEFAULT_RUN.md's raw results: every recipe with 2 seeds or more, and config/shakespeare.json trains the
+    one with the lowest mean (its model, optimizer, schedule and batch)."""
+    kept = json.loads((REPO / "docs" / "recipes" / "results.json").read_text())
+    assert set(kept) == set(recipes.RECIPES) and all(len(v["runs"]) >= 2 for v in kept.values())
+    means = {name: statistics.mean(run["val_bpb_full"] for run in v["runs"]) for name, v in kept.items()}
+    lowest, default = build_config(kept[min(means, key=means.get)]["config"]), build_config(
+        recipes.load_preset("shakespeare"))
+    assert (lowest.model, lowest.optim) == (default.model, default.optim)
+    assert lowest.train.batch_size == default.train.batch_size

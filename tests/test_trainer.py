@@ -66,7 +66,7 @@ def test_gradient_accumulation_gives_the_same_gradient(tiny_run):
 
 
 PAPER_RECIPE = dict(optimizer="adafactor", learning_rate=1e-2, lr_schedule="palm", palm_constant_steps=10,
-                    weight_decay_mode="lr_squared", z_loss=1e-4)  # the default run's recipe (PaLM Section 5)
+                    weight_decay_mode="lr_squared", z_loss=1e-4)  # PaLM's recipe (Section 5)
 
 
 @pytest.mark.parametrize("recipe", [
