@@ -73,7 +73,7 @@ def char_dataset(tmp_path_factory) -> Path:
 
 
 TINY_RUN = dict(
-    vocab_size=80, block_size=32, n_layer=2, n_head=2, head_dim=16, d_model=32, d_ff=0, batch_size=8,
+    vocab_size=80, block_size=32, n_layer=2, n_head=2, head_dim=16, d_model=32, batch_size=8,
     gradient_accumulation_steps=1, max_iters=40, max_minutes=0, eval_interval=20, eval_iters=4, log_interval=1,
     optimizer="adamw", learning_rate=3e-3, lr_schedule="cosine", warmup_iters=5, lr_decay_iters=200, min_lr=3e-4,
     palm_constant_steps=10000, weight_decay_mode="decoupled", cooldown=0.0, grad_clip=1.0,

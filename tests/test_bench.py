@@ -51,7 +51,9 @@ def test_bench_reads_presets_and_model_overrides_with_the_one_flag_parser():
     bench = load_bench_script()
     args = bench.parse_args(["--preset", "palm_20m", "--block_size=64", "--n_layer=2"])
     assert (args.model.block_size, args.model.n_layer, args.model.d_model, args.preset_batch_size) == (64, 2, 384, None)
-    args = bench.parse_args([])
+    args = bench.parse_args([])  # palm_6m, a model shape: the batch is bench's own
+    assert args.model == parse_args(["palm_6m"]).model and args.preset_batch_size is None
+    args = bench.parse_args(["--preset", "shakespeare"])
     assert args.model == parse_args([]).model and args.preset_batch_size == parse_args([]).train.batch_size
     with pytest.raises(UserError, match="not a model key"):
         bench.parse_args(["--preset", "tiny", "--learning_rate=1"])
@@ -141,11 +143,11 @@ def test_median_interval_covers_the_true_median_as_often_as_it_says():
 
 
 def test_matmul_flops_count_each_multiplied_weight_once():
-    """The default model: 4 blocks of (256 x 2432 fused input, 256 x 256 attention out, 1024 x 256 MLP out) and
+    """palm_6m (bench's default model): 4 blocks of (256 x 2432 fused input, 256 x 256 attention out, 1024 x 256 MLP out) and
     the tied 8192 x 256 output layer; its GPT-2-style twin (d_model 278, 4 heads of 64, d_ff 1078):
     4 x (278 x 768, 256 x 278, 278 x 1078, 1078 x 278) and 8192 x 278. PaLM multiplies 1.5% more weights though
     6N makes them equal: GPT-2-style's N holds learned positions and biases, which no matmul multiplies."""
-    palm = parse_args(["shakespeare"]).model
+    palm = parse_args(["palm_6m"]).model
     models = [PaLM(palm), PaLM(equal_size_gpt2(palm))]
     palm_weights = 4 * (256 * 2432 + 256 * 256 + 1024 * 256) + 8192 * 256
     gpt2_weights = 4 * (278 * 768 + 256 * 278 + 2 * 278 * 1078) + 8192 * 278

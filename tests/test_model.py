@@ -277,8 +277,11 @@ def test_presets_build_and_palm_shapes_follow_the_paper():
             assert param_count(cfg) == 34_980_831_232  # 35B, as Cohere names it
             continue
         assert cfg.n_kv_head == 1 and cfg.parallel_block  # all presets are PaLM-shaped
-        if name.startswith("palm_") and name != "palm_20m":
+        if name.startswith("palm_") and name not in ("palm_6m", "palm_20m"):  # those two: heads of 64, CPU-sized
             assert cfg.d_ff == 4 * cfg.d_model and cfg.head_dim in (128, 256)
+    # palm_6m: the tied 8192 x 256 embedding, 4 x (LayerNorm gain 256, fused input 256 x (256 + 2 x 64 + 2 x 1024),
+    # attention out 256 x 256, MLP out 1024 x 256), the final gain
+    assert param_count(model_config("palm_6m")) == 8192 * 256 + 4 * (256 + 256 * 2432 + 256 * 256 + 1024 * 256) + 256
     assert param_count(model_config("palm_20m")) == pytest.approx(20e6, rel=0.15)
     assert param_count(model_config("palm_125m")) == pytest.approx(125e6, rel=0.15)
     assert param_count(model_config("palm_350m")) == pytest.approx(350e6, rel=0.15)
