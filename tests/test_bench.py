@@ -143,8 +143,8 @@ def test_median_interval_covers_the_true_median_as_often_as_it_says():
 
 
 def test_matmul_flops_count_each_multiplied_weight_once():
-    """palm_6m (bench's default model): 4 blocks of (256 x 2432 fused input, 256 x 256 attention out, 1024 x 256 MLP out) and
-    the tied 8192 x 256 output layer; its GPT-2-style twin (d_model 278, 4 heads of 64, d_ff 1078):
+    """palm_6m (bench's default model): 4 blocks of (256 x 2432 fused input, 256 x 256 attention out, 1024 x 256
+    MLP out) and the tied 8192 x 256 output layer; its GPT-2-style twin (d_model 278, 4 heads of 64, d_ff 1078):
     4 x (278 x 768, 256 x 278, 278 x 1078, 1078 x 278) and 8192 x 278. PaLM multiplies 1.5% more weights though
     6N makes them equal: GPT-2-style's N holds learned positions and biases, which no matmul multiplies."""
     palm = parse_args(["palm_6m"]).model
